@@ -1,0 +1,223 @@
+"""Blockwise dynamic 8-bit quantization.
+
+``quantize_blockwise(x)`` splits ``x`` (flattened, row-major) into blocks of
+``blocksize`` consecutive elements, keeps one fp32 ``absmax = max |x|`` per block,
+and stores each element as the index (uint8) of the entry of ``dynamic_map(signed)``
+nearest to ``x / absmax``. ``dequantize_blockwise`` returns ``map[code] * absmax``.
+
+Algorithm, per block (identical in the PyTorch reference and the CUDA kernel):
+
+    absmax = max(|x_i|)                   # fp32; NaN if any x_i is NaN
+    inv    = 1 / absmax  (1 if absmax == 0)
+    code_i = #(boundaries < x_i * inv)    # boundaries[j] = (map[j] + map[j+1]) / 2
+
+Non-finite input: a block that holds a NaN or an infinity is stored with
+``absmax = NaN`` (or ``+inf``) and every code at the map's zero entry, so it
+dequantizes to NaN throughout (``0 * inf`` is NaN too). No other block is affected.
+
+Dtypes: fp32, fp16 and bf16 are read natively (converted to fp32 in registers). Other
+dtypes (float64, integers) raise ``TypeError``: convert with ``x.float()`` first.
+Non-contiguous input is accepted and read through a contiguous copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _cupy
+from .quant_map import map_boundaries, map_on, zero_code
+
+__all__ = ["quantize_blockwise", "dequantize_blockwise", "BLOCKSIZES", "DEFAULT_BLOCKSIZE", "num_blocks"]
+
+DEFAULT_BLOCKSIZE = 256
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
+_NAMES = _cupy.register(
+    "blockwise.cu",
+    tuple(
+        f"{kernel}<{ctype},{bs}>"
+        for kernel in ("quantize_blockwise", "dequantize_blockwise")
+        for ctype in _CTYPE.values()
+        for bs in BLOCKSIZES
+    ),
+)
+
+
+def num_blocks(n: int, blocksize: int = DEFAULT_BLOCKSIZE) -> int:
+    return (n + blocksize - 1) // blocksize
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def quantize_blockwise_reference(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch definition of the quantizer (any device); see the module docstring."""
+    n = x.numel()
+    nb = num_blocks(n, blocksize)
+    flat = x.reshape(-1).float()
+    pad = nb * blocksize - n
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    blocks = flat.view(nb, blocksize)
+    # amax propagates NaN, like the kernel's nanmax
+    absmax = blocks.abs().amax(dim=1) if nb else torch.empty(0, device=x.device)
+    finite = torch.isfinite(absmax)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
+    scaled = blocks * inv[:, None]
+    codes = torch.bucketize(scaled, map_boundaries(signed, x.device), right=False)
+    codes = torch.where(finite[:, None], codes, zero_code(signed)).to(torch.uint8)
+    return codes.reshape(-1)[:n].reshape(x.shape), absmax
+
+
+def dequantize_blockwise_reference(
+    codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    n = codes.numel()
+    values = map_on(signed, codes.device)[codes.reshape(-1).long()]
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (values * scale).to(dtype).reshape(codes.shape)
+
+
+# ------------------------------------------------------------------------ custom ops
+# torch.library gives device dispatch (CPU and any non-CUDA device take the reference),
+# fake tensors for meta-device models and torch.compile.
+
+
+@torch.library.custom_op("optim8::quantize_blockwise", mutates_args=())
+def _quantize_op(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_blockwise_reference(x, blocksize, signed)
+
+
+@_quantize_op.register_fake
+def _(x, blocksize, signed):
+    nb = num_blocks(x.numel(), blocksize)
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((nb,), dtype=torch.float32)
+
+
+@_quantize_op.register_kernel("cuda")
+def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    n = x.numel()
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return codes, absmax
+    dev = _cupy.device_index(x)
+    fn = _cupy.function("blockwise.cu", f"quantize_blockwise<{_CTYPE[x.dtype]},{blocksize}>", dev, _NAMES)
+    threads_per_block = blocksize // 8
+    cta = max(threads_per_block, 256)
+    per_cta = cta // threads_per_block
+    grid = num_blocks(absmax.numel(), per_cta)
+    args = (
+        _cupy.ptr(x),
+        _cupy.ptr(map_boundaries(signed, x.device)),
+        _cupy.ptr(codes),
+        _cupy.ptr(absmax),
+        np.int64(n),
+        np.int32(zero_code(signed)),
+        np.int32(x.data_ptr() % 16 == 0),
+    )
+    _cupy.launch(fn, grid, cta, args, x.device)
+    return codes, absmax
+
+
+@torch.library.custom_op("optim8::dequantize_blockwise", mutates_args=())
+def _dequantize_op(
+    codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    return dequantize_blockwise_reference(codes, absmax, blocksize, signed, dtype)
+
+
+@_dequantize_op.register_fake
+def _(codes, absmax, blocksize, signed, dtype):
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@_dequantize_op.register_kernel("cuda")
+def _dequantize_cuda(codes, absmax, blocksize, signed, dtype):
+    codes = codes.contiguous()
+    absmax = absmax.contiguous()
+    n = codes.numel()
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    if n == 0:
+        return out
+    dev = _cupy.device_index(codes)
+    fn = _cupy.function("blockwise.cu", f"dequantize_blockwise<{_CTYPE[dtype]},{blocksize}>", dev, _NAMES)
+    args = (
+        _cupy.ptr(codes),
+        _cupy.ptr(map_on(signed, codes.device)),
+        _cupy.ptr(absmax),
+        _cupy.ptr(out),
+        np.int64(n),
+        np.int32(codes.data_ptr() % 8 == 0),
+    )
+    _cupy.launch(fn, num_blocks(n, 256 * 8), 256, args, codes.device)
+    return out
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def quantize_blockwise(
+    x: torch.Tensor, *, blocksize: int = DEFAULT_BLOCKSIZE, signed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` blockwise to 8 bits; see the module docstring for the algorithm.
+
+    Args:
+        x: fp32, fp16 or bf16 tensor of any shape (empty and non-contiguous allowed).
+        blocksize: elements per absmax block, one of ``BLOCKSIZES`` (default 256).
+        signed: use the signed map (for values of either sign) or the unsigned one
+            (for non-negative values such as Adam's second moment).
+
+    Returns:
+        ``(codes, absmax)``: uint8 codes shaped like ``x`` and a 1-D fp32 tensor of
+        ``ceil(x.numel() / blocksize)`` block maxima, both on ``x.device``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize_blockwise expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"quantize_blockwise takes float32, float16 or bfloat16 input, got {x.dtype}; "
+            "convert it first, e.g. x.float()"
+        )
+    _check_blocksize(blocksize)
+    return _quantize_op(x, blocksize, bool(signed))
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    *,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    signed: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``map[codes] * absmax``, cast to ``dtype``.
+
+    ``codes`` (uint8, any shape) and ``absmax`` (fp32, ``ceil(codes.numel() /
+    blocksize)`` entries) must be on one device, quantized with the same ``blocksize``
+    and ``signed``. Returns a tensor shaped like ``codes``.
+    """
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be float32, got {absmax.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_blocksize(blocksize)
+    expected = num_blocks(codes.numel(), blocksize)
+    if absmax.numel() != expected:
+        raise ValueError(
+            f"absmax has {absmax.numel()} entries but {codes.numel()} codes in blocks of "
+            f"{blocksize} need {expected}; were they quantized with another blocksize?"
+        )
+    if codes.device != absmax.device:
+        raise ValueError(f"codes are on {codes.device} but absmax is on {absmax.device}")
+    return _dequantize_op(codes, absmax.reshape(-1), blocksize, bool(signed), dtype)

@@ -1,0 +1,123 @@
+// Blockwise dynamic quantization: one fp32 absmax per BLOCK consecutive elements,
+// each element stored as the index of the nearest entry of a 256-entry map after
+// division by its block's absmax. The PyTorch reference is kernels/blockwise.py;
+// both compute the same function bit for bit.
+//
+// Each thread owns E = 8 consecutive elements (one or two 16-byte loads), so a block
+// of BLOCK elements is BLOCK / 8 threads: a group inside one warp for BLOCK <= 256,
+// a whole CTA above that.
+#include "common.cuh"
+
+#define E 8
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
+    constexpr int N = sizeof(T) * E / 16;
+    union { uint4 u[N]; T t[E]; } buf;
+#pragma unroll
+    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = to_float(buf.t[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
+    constexpr int N = sizeof(T) * E / 16;
+    union { uint4 u[N]; T t[E]; } buf;
+#pragma unroll
+    for (int i = 0; i < E; ++i) buf.t[i] = from_float<T>(v[i]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) reinterpret_cast<uint4*>(p)[i] = buf.u[i];
+}
+
+// x: n elements; mid: the map's 255 decision boundaries (fp32, sorted);
+// codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned.
+// A block holding NaN or +-Inf gets absmax NaN or Inf and every code zero_code.
+template <typename T, int BLOCK>
+__global__ void quantize_blockwise(const T* __restrict__ x, const float* __restrict__ mid,
+                                   u8* __restrict__ codes, float* __restrict__ absmax,
+                                   const i64 n, const int zero_code, const int aligned) {
+    constexpr int TPB = BLOCK / E;                 // threads per quantization block
+    constexpr int CTA = TPB >= 256 ? TPB : 256;
+    constexpr int QPC = CTA / TPB;                 // quantization blocks per CTA
+    __shared__ float smid[256];
+    __shared__ float swarp[CTA / 32];
+
+    for (int i = threadIdx.x; i < 255; i += CTA) smid[i] = mid[i];
+
+    const i64 nblocks = (n + BLOCK - 1) / BLOCK;
+    const i64 q = (i64)blockIdx.x * QPC + threadIdx.x / TPB;
+    const int lane = threadIdx.x % TPB;
+    const i64 base = q * BLOCK + (i64)lane * E;
+
+    float v[E];
+    if (aligned && base + E <= n) {
+        load8(x + base, v);
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) v[i] = base + i < n ? to_float(x[base + i]) : 0.0f;
+    }
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) m = nanmax(m, fabsf(v[i]));
+
+    if constexpr (TPB <= 32) {
+        m = group_nanmax<TPB>(m);
+        __syncthreads();  // smid is complete
+    } else {
+        m = group_nanmax<32>(m);
+        if ((threadIdx.x & 31) == 0) swarp[threadIdx.x >> 5] = m;
+        __syncthreads();  // swarp and smid are complete
+        m = swarp[0];
+#pragma unroll
+        for (int w = 1; w < CTA / 32; ++w) m = nanmax(m, swarp[w]);
+    }
+    if (q >= nblocks) return;
+    if (lane == 0) absmax[q] = m;
+
+    u8 c[E];
+    if (!(m <= 3.402823466e38f)) {  // NaN or Inf in this block
+#pragma unroll
+        for (int i = 0; i < E; ++i) c[i] = (u8)zero_code;
+    } else {
+        const float inv = m > 0.0f ? 1.0f / m : 1.0f;
+#pragma unroll
+        for (int i = 0; i < E; ++i) c[i] = (u8)nearest_code(smid, v[i] * inv);
+    }
+    if (base + E <= n) {
+        uint2 packed;
+        packed.x = c[0] | (c[1] << 8) | (c[2] << 16) | ((unsigned int)c[3] << 24);
+        packed.y = c[4] | (c[5] << 8) | (c[6] << 16) | ((unsigned int)c[7] << 24);
+        *reinterpret_cast<uint2*>(codes + base) = packed;
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            if (base + i < n) codes[base + i] = c[i];
+    }
+}
+
+// codes: n bytes (8-byte aligned when `aligned`); qmap: 256 floats; out: n elements.
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(256)
+dequantize_blockwise(const u8* __restrict__ codes, const float* __restrict__ qmap,
+                     const float* __restrict__ absmax, T* __restrict__ out,
+                     const i64 n, const int aligned) {
+    __shared__ float smap[256];
+    smap[threadIdx.x] = qmap[threadIdx.x];
+    __syncthreads();
+
+    const i64 base = ((i64)blockIdx.x * 256 + threadIdx.x) * E;
+    if (base >= n) return;
+    const float a = absmax[base / BLOCK];  // BLOCK % E == 0: a thread never straddles blocks
+    float v[E];
+    if (aligned && base + E <= n) {
+        const uint2 packed = *reinterpret_cast<const uint2*>(codes + base);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = smap[(packed.x >> (8 * i)) & 0xff] * a;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[4 + i] = smap[(packed.y >> (8 * i)) & 0xff] * a;
+        store8(out + base, v);
+    } else {
+        for (int i = 0; i < E && base + i < n; ++i) out[base + i] = from_float<T>(smap[codes[base + i]] * a);
+    }
+}

@@ -1,0 +1,69 @@
+// Shared device helpers for optim8's kernels. Compiled by NVRTC through CuPy with no
+// system or CUDA headers: half and bfloat16 travel as their 16-bit patterns and are
+// converted here, so the sources build the same under every CUDA toolkit.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef long long i64;
+
+// Storage types for the three floating dtypes a kernel is instantiated for.
+struct f16 { u16 bits; };
+struct bf16 { u16 bits; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+__device__ __forceinline__ float to_float(bf16 x) {
+    return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+
+// Round-to-nearest-even, as torch's .to(dtype) does.
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
+    bf16 r;
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (u16)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        r.bits = (u16)(u >> 16);
+    }
+    return r;
+}
+
+// max that propagates NaN (fmaxf drops it): a block holding a NaN must report NaN.
+__device__ __forceinline__ float nanmax(float a, float b) {
+    return (a > b || a != a) ? a : b;
+}
+
+// Number of the 255 sorted decision boundaries `mid` that lie strictly below v:
+// the index of v's nearest entry in the 256-entry map (ties go to the lower entry).
+// Same answer as torch.bucketize(v, mid, right=False).
+__device__ __forceinline__ int nearest_code(const float* __restrict__ mid, float v) {
+    int idx = 0;
+#pragma unroll
+    for (int step = 128; step > 0; step >>= 1) {
+        if (mid[idx + step - 1] < v) idx += step;
+    }
+    return idx;
+}
+
+// NaN-propagating max over the `width` lanes of each aligned group of a warp.
+template <int WIDTH>
+__device__ __forceinline__ float group_nanmax(float m) {
+#pragma unroll
+    for (int off = WIDTH / 2; off > 0; off >>= 1) {
+        m = nanmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+    }
+    return m;
+}

@@ -1,0 +1,3 @@
+"""optim8's layers: int8 linear layers and the embedding meant for 8-bit optimizers."""
+
+__all__: list[str] = []

@@ -1,0 +1,245 @@
+"""Blockwise 8-bit quantization: the reference against brute force, and CUDA against the reference."""
+
+import math
+
+import pytest
+import torch
+
+from optim8.kernels import BLOCKSIZES, dequantize_blockwise, dynamic_map, quantize_blockwise
+from optim8.kernels.quant_map import map_boundaries, zero_code
+
+SIZES = [1, 255, 256, 257, 4097, 1_000_003]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def brute_force_codes(x: torch.Tensor, blocksize: int, signed: bool):
+    """Nearest map entry by argmin over all 256 entries, in float64; also the margin
+    by which the nearest entry wins (0 at a decision boundary)."""
+    qmap = dynamic_map(signed).double()
+    flat = x.reshape(-1).double()
+    n = flat.numel()
+    nb = math.ceil(n / blocksize)
+    flat = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
+    absmax = flat.abs().amax(dim=1, keepdim=True)
+    scaled = (flat / absmax.clamp_min(1e-300)).reshape(-1)[:n]
+    codes, margins = [], []
+    for chunk in scaled.split(1 << 16):
+        dist = (chunk[:, None] - qmap[None, :]).abs()
+        two = dist.topk(2, dim=1, largest=False)
+        codes.append(two.indices[:, 0])
+        margins.append(two.values[:, 1] - two.values[:, 0])
+    return torch.cat(codes), torch.cat(margins), scaled
+
+
+def test_dynamic_map_shape_and_values():
+    for signed in (True, False):
+        m = dynamic_map(signed)
+        assert m.shape == (256,) and m.dtype == torch.float32
+        assert torch.all(m[1:] > m[:-1]), "sorted, no duplicates"
+        assert (m == 0).sum() == 1 and (m == 1).sum() == 1
+        assert m.max() == 1.0
+        assert m.min() >= (-1.0 if signed else 0.0)
+    assert dynamic_map(True).min() < -0.99
+    assert (dynamic_map(True) < 0).sum() == 127
+    # the smallest non-zero magnitude lives in the 1e-6 decade
+    assert 1e-7 < dynamic_map(False)[1] < 1e-6
+    # callers get their own copy
+    m = dynamic_map(True)
+    m[0] = 5
+    assert dynamic_map(True)[0] != 5
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", SIZES)
+def test_codes_are_the_nearest_map_entry(n, signed):
+    x = torch.randn(n) * torch.rand(1) * 10
+    if not signed:
+        x = x.abs()
+    codes, absmax = quantize_blockwise(x, signed=signed)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8
+    assert absmax.shape == (math.ceil(n / 256),) and absmax.dtype == torch.float32
+    bf, margin, scaled = brute_force_codes(x, 256, signed)
+    differ = codes.reshape(-1).long() != bf
+    # a different code is allowed only where the value sits within float rounding of a
+    # decision boundary (two map entries equally near)
+    assert torch.all(margin[differ] <= 1e-6 * scaled[differ].abs().clamp_min(1e-6)), differ.sum()
+    assert differ.sum() <= max(2, n // 100_000)
+    # every block's absmax is its largest magnitude
+    ref = torch.nn.functional.pad(x.abs(), (0, absmax.numel() * 256 - n)).view(-1, 256).amax(1)
+    assert torch.equal(absmax, ref)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_every_blocksize_partial_last_block(blocksize):
+    n = 3 * blocksize + 5
+    x = torch.randn(n)
+    codes, absmax = quantize_blockwise(x, blocksize=blocksize)
+    assert absmax.numel() == 4
+    assert absmax[-1] == x[-5:].abs().max()
+    bf, margin, _ = brute_force_codes(x, blocksize, True)
+    assert (codes.long() != bf).sum() <= 1
+    y = dequantize_blockwise(codes, absmax, blocksize=blocksize)
+    assert torch.allclose(y, x, atol=0.02 * x.abs().max())
+
+
+# Bound on |x - dequant(quant(x))| / absmax: half the widest gap between map entries
+# (the top decade: 0.9 / 2**6 / 2 for the signed map), plus the storage dtype's rounding.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_roundtrip_error_bound(dtype, signed):
+    x = torch.randn(1_000_003, dtype=torch.float32) * 3
+    if not signed:
+        x = x.abs()
+    x = x.to(dtype)
+    codes, absmax = quantize_blockwise(x, signed=signed)
+    y = dequantize_blockwise(codes, absmax, signed=signed, dtype=dtype)
+    assert y.dtype == dtype and y.shape == x.shape
+    qmap = dynamic_map(signed)
+    half_gap = ((qmap[1:] - qmap[:-1]).max() / 2).item()
+    eps = torch.finfo(dtype).eps
+    per_elem_absmax = absmax.repeat_interleave(256)[: x.numel()]
+    err = (y.float() - x.float()).abs() / per_elem_absmax
+    assert err.max() <= half_gap * (1 + 1e-5) + eps
+    # and most values do much better than the worst case
+    assert err.mean() < half_gap / 2
+
+
+def test_multidimensional_and_noncontiguous():
+    x = torch.randn(37, 129)
+    xt = x.t()  # non-contiguous
+    codes, absmax = quantize_blockwise(xt)
+    assert codes.shape == xt.shape
+    c2, a2 = quantize_blockwise(xt.contiguous())
+    assert torch.equal(codes, c2) and torch.equal(absmax, a2)
+    y = dequantize_blockwise(codes, absmax)
+    assert y.shape == xt.shape
+
+
+def test_empty():
+    codes, absmax = quantize_blockwise(torch.empty(0, 5))
+    assert codes.shape == (0, 5) and absmax.shape == (0,)
+    y = dequantize_blockwise(codes, absmax)
+    assert y.shape == (0, 5)
+
+
+def test_all_zero_block_roundtrips_to_zero():
+    x = torch.randn(1000)
+    x[256:512] = 0
+    codes, absmax = quantize_blockwise(x)
+    assert absmax[1] == 0
+    assert torch.all(codes[256:512] == zero_code(True))
+    y = dequantize_blockwise(codes, absmax)
+    assert torch.all(y[256:512] == 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_stays_in_its_block(bad):
+    x = torch.randn(1025)
+    x[300] = bad
+    codes, absmax = quantize_blockwise(x)
+    assert not math.isfinite(absmax[1].item())
+    assert torch.all(codes[256:512] == zero_code(True))
+    y = dequantize_blockwise(codes, absmax)
+    assert torch.all(torch.isnan(y[256:512]))
+    clean = torch.cat([x[:256], x[512:]])
+    c2, a2 = quantize_blockwise(clean)
+    # the other blocks are exactly what they would be without the bad value
+    assert torch.equal(absmax[[0, 2, 3]], a2[[0, 1, 2]])
+    assert torch.equal(codes[:256], c2[:256]) and torch.equal(codes[512:768], c2[256:512])
+    assert torch.isfinite(y[:256]).all() and torch.isfinite(y[512:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8, torch.bool])
+def test_unsupported_dtypes_raise(dtype):
+    x = torch.ones(10, dtype=dtype)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        quantize_blockwise(x)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_blockwise(torch.randn(10), blocksize=100)
+    codes, absmax = quantize_blockwise(torch.randn(1000))
+    with pytest.raises(ValueError, match="absmax has 3 entries"):
+        dequantize_blockwise(codes, absmax[:3])
+    with pytest.raises(ValueError, match="another blocksize"):
+        dequantize_blockwise(codes, absmax, blocksize=512)
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize_blockwise(codes.int(), absmax)
+    with pytest.raises(TypeError, match="float32"):
+        dequantize_blockwise(codes, absmax.half())
+
+
+def test_meta_tensors():
+    x = torch.empty(1000, 3, device="meta")
+    codes, absmax = quantize_blockwise(x)
+    assert codes.device.type == "meta" and codes.shape == (1000, 3) and absmax.shape == (12,)
+    y = dequantize_blockwise(codes, absmax, dtype=torch.bfloat16)
+    assert y.device.type == "meta" and y.dtype == torch.bfloat16
+
+
+def test_boundaries_are_fp32_midpoints():
+    for signed in (True, False):
+        m = dynamic_map(signed)
+        b = map_boundaries(signed)
+        assert b.shape == (255,)
+        assert torch.all(b > m[:-1]) and torch.all(b < m[1:])
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", SIZES)
+def test_cuda_matches_reference(n, signed, dtype):
+    x = (torch.randn(n) * 4).to(dtype)
+    if not signed:
+        x = x.abs()
+    codes_ref, absmax_ref = quantize_blockwise(x, signed=signed)
+    codes, absmax = quantize_blockwise(x.cuda(), signed=signed)
+    assert torch.equal(absmax.cpu(), absmax_ref)
+    # the two compute the same fp32 operations; a differing code may only sit on a boundary
+    differ = codes.cpu() != codes_ref
+    assert differ.sum().item() == 0, f"{differ.sum().item()} of {n} codes differ"
+    y_ref = dequantize_blockwise(codes_ref, absmax_ref, signed=signed, dtype=dtype)
+    y = dequantize_blockwise(codes, absmax, signed=signed, dtype=dtype)
+    assert torch.equal(y.cpu(), y_ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_every_blocksize(blocksize, dtype):
+    x = torch.randn(5 * blocksize + 3).to(dtype)
+    codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize)
+    codes, absmax = quantize_blockwise(x.cuda(), blocksize=blocksize)
+    assert torch.equal(absmax.cpu(), absmax_ref)
+    assert torch.equal(codes.cpu(), codes_ref)
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_views_and_nonfinite():
+    base = torch.randn(10_001, device="cuda")
+    x = base[3:]  # storage offset: not 16-byte aligned
+    x[1000] = float("nan")
+    x[5000] = float("inf")
+    codes, absmax = quantize_blockwise(x)
+    codes_ref, absmax_ref = quantize_blockwise(x.cpu())
+    torch.testing.assert_close(absmax.cpu(), absmax_ref, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(codes.cpu(), codes_ref)
+    full = dequantize_blockwise(codes, absmax)
+    torch.testing.assert_close(full.cpu(), dequantize_blockwise(codes_ref, absmax_ref), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_current_stream():
+    x = torch.randn(1 << 20, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = x * 2  # queued on s; the kernel must see it
+        codes, absmax = quantize_blockwise(y)
+    torch.cuda.synchronize()
+    codes_ref, absmax_ref = quantize_blockwise(y.cpu())
+    assert torch.equal(absmax.cpu(), absmax_ref)
