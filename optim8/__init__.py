@@ -5,3 +5,20 @@ from . import kernels, layers
 __version__ = "0.1.0"
 
 __all__ = ["kernels", "layers", "__version__"]
+
+# Hugging Face: prepare_for_lora is plain PyTorch; Int8Config needs transformers and is imported on
+# first access. Registration with transformers and peft happens when they are imported (never here).
+from .integrations import install as _install_hf_integration, prepare_for_lora  # noqa: E402
+
+_install_hf_integration()
+__all__ += ["Int8Config", "prepare_for_lora"]
+
+
+def __getattr__(name):
+    if name == "Int8Config":
+        try:
+            from .integrations.transformers import Int8Config
+        except ImportError as error:
+            raise ImportError(f"optim8.Int8Config needs transformers 5.x: pip install 'optim8[hf]' ({error})") from error
+        return Int8Config
+    raise AttributeError(f"module 'optim8' has no attribute {name!r}")

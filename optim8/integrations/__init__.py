@@ -39,6 +39,11 @@ _lock = threading.Lock()
 
 
 def _on_transformers_quantizers(module: ModuleType) -> None:
+    ours = sys.modules.get(f"{__name__}.transformers")
+    if ours is not None and not hasattr(ours, "register"):
+        # optim8.integrations.transformers is what is importing transformers right now; it
+        # registers itself once its own body has run.
+        return
     from .transformers import register
 
     register()

@@ -227,3 +227,6 @@ def register() -> None:
             (auto.register_quantization_config if cls is Int8Config else auto.register_quantizer)(QUANT_METHOD)(cls)
         else:
             mapping[QUANT_METHOD] = cls
+
+
+register()
