@@ -141,9 +141,12 @@ class Int8HfQuantizer(HfQuantizer):
         return isinstance(module, Linear8bitLt) and tensor_name == "weight"
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
+        skip = self.get_modules_to_not_convert(
             model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
         )
+        # transformers names the last module by its last parameter and strips only ".weight"; a
+        # head with a bias (e.g. BERT's classifier) would otherwise be quantized.
+        self.modules_to_not_convert = sorted({name.removesuffix(".bias") for name in skip})
         replaced = 0
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or not should_convert_module(name, self.modules_to_not_convert):
