@@ -1,0 +1,290 @@
+"""The Adam / AdamW update with 8-bit (blockwise-quantized) or 32-bit state.
+
+The update is written once, :func:`adam_update_reference`, as plain fp32 arithmetic on
+ordinary tensors. With step ``t`` (1-based), ``lr``, ``beta1``, ``beta2``, ``eps`` and
+``weight_decay`` the host first computes, in float64 and then rounded to fp32,
+
+    step_size = lr / (1 - beta1**t)     bc2_sqrt = sqrt(1 - beta2**t)
+    decay     = 1 - lr * weight_decay   (AdamW: decoupled weight decay)
+
+and then every element does, each operation rounded to fp32 on its own (no fused
+multiply-add, so the CUDA kernel computes the same bits):
+
+    g  = g + p * weight_decay                       # Adam only (L2 penalty)
+    m' = m * beta1 + g * (1 - beta1)
+    v' = v * beta2 + (g * g) * (1 - beta2)
+    p' = p * decay                                  # AdamW only
+    p' = p' - (m' * step_size) / (sqrt(v') / bc2_sqrt + eps)
+
+Non-finite updates: an element whose ``m'`` or ``v'`` is not finite (a NaN or infinite
+gradient, or ``g * g`` overflowing) is left untouched: its parameter and both moments
+keep their old values. Nothing of it reaches the block absmax, so no other element's
+8-bit state is affected. Finite elements of the same tensor are updated as usual.
+
+8-bit state (``absmax`` tensors given): ``m`` is stored blockwise with the signed dynamic
+map and ``v`` with the unsigned one (``kernels/blockwise.py``). One step is
+
+    m, v   = dequantize(codes, absmax)              # map[code] * absmax, fp32
+    m', v', p' = the update above
+    codes', absmax' = quantize_blockwise(m'), quantize_blockwise(v')   # new block absmax
+
+and the parameter update uses the unquantized fp32 ``m'`` and ``v'``. fp16 and bf16
+parameters are read into fp32, updated, and rounded once to their dtype
+(round-to-nearest-even; there is no stochastic rounding).
+
+Dispatch: :func:`adam_step` takes lists of tensors sharing one set of hyper-parameters.
+On CUDA one kernel launch (``cuda/adam.cu``) updates all of them in a single pass over
+memory; elsewhere the reference runs tensor by tensor. It is a thin dispatcher rather
+than a ``torch.library`` custom op: the call carries six lists of up to hundreds of
+tensors, and an optimizer step is never traced by ``torch.compile`` in the eager loop
+this library targets; the custom op's per-tensor argument checking would cost more than
+the kernel on small models.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _cupy
+from .blockwise import dequantize_blockwise_reference, num_blocks, quantize_blockwise_reference
+from .quant_map import map_boundaries, map_on, zero_code
+
+__all__ = ["AdamScalars", "adam_scalars", "adam_update_reference", "adam_step", "STATE_BLOCKSIZES"]
+
+# The fused kernel reduces each quantization block inside one warp (8 elements per lane).
+STATE_BLOCKSIZES = (64, 128, 256)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
+_EXPRS = tuple(
+    f"adam_multi<{ctype},{state8},{decoupled},{bs}>"
+    for ctype in _CTYPE.values()
+    for decoupled in ("false", "true")
+    for state8, sizes in (("true", STATE_BLOCKSIZES), ("false", (256,)))
+    for bs in sizes
+)
+_NAMES = _cupy.register("adam.cu", _EXPRS)
+
+
+@dataclass(frozen=True)
+class AdamScalars:
+    """The per-step scalars of one update, already rounded to fp32 (Python floats holding fp32 values)."""
+
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    step_size: float
+    bc2_sqrt: float
+    decay: float
+    weight_decay: float
+    decoupled: bool
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def adam_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, decoupled: bool) -> AdamScalars:
+    """Compute the step's scalars in float64 and round each to fp32 once (both paths use these)."""
+    return AdamScalars(
+        beta1=_f32(beta1),
+        one_minus_beta1=_f32(1.0 - beta1),
+        beta2=_f32(beta2),
+        one_minus_beta2=_f32(1.0 - beta2),
+        eps=_f32(eps),
+        step_size=_f32(lr / (1.0 - beta1**step)),
+        bc2_sqrt=_f32(math.sqrt(1.0 - beta2**step)),
+        decay=_f32(1.0 - lr * weight_decay) if decoupled else 1.0,
+        weight_decay=_f32(weight_decay),
+        decoupled=bool(decoupled),
+    )
+
+
+def adam_update_reference(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamScalars
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Adam(W) update of fp32 tensors; returns new ``(p, m, v)`` (see the module docstring)."""
+    if not s.decoupled:
+        g = g + p * s.weight_decay
+    m1 = m * s.beta1 + g * s.one_minus_beta1
+    v1 = v * s.beta2 + (g * g) * s.one_minus_beta2
+    p1 = p * s.decay if s.decay != 1.0 else p
+    denom = v1.sqrt() / s.bc2_sqrt + s.eps
+    p1 = p1 - (m1 * s.step_size) / denom
+    ok = torch.isfinite(m1) & torch.isfinite(v1)
+    if not bool(ok.all()):
+        m1 = torch.where(ok, m1, m)
+        v1 = torch.where(ok, v1, v)
+        p1 = torch.where(ok, p1, p)
+    return p1, m1, v1
+
+
+def _step_reference(p, g, m, v, ma, va, s: AdamScalars, blocksize: int) -> None:
+    """Reference step of one tensor, in place (any device)."""
+    if ma is not None:
+        m_f = dequantize_blockwise_reference(m, ma, blocksize, True, torch.float32)
+        v_f = dequantize_blockwise_reference(v, va, blocksize, False, torch.float32)
+    else:
+        m_f, v_f = m, v
+    p_new, m_new, v_new = adam_update_reference(p.float(), g.float(), m_f, v_f, s)
+    if ma is not None:
+        codes, absmax = quantize_blockwise_reference(m_new, blocksize, True)
+        m.copy_(codes)
+        ma.copy_(absmax)
+        codes, absmax = quantize_blockwise_reference(v_new, blocksize, False)
+        v.copy_(codes)
+        va.copy_(absmax)
+    else:
+        m.copy_(m_new)
+        v.copy_(v_new)
+    p.copy_(p_new)  # one round-to-nearest-even to the parameter's dtype
+
+
+def adam_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    exp_avg_absmax: list[torch.Tensor] | None,
+    exp_avg_sq_absmax: list[torch.Tensor] | None,
+    *,
+    scalars: AdamScalars,
+    blocksize: int = 256,
+) -> None:
+    """Update ``params`` and their Adam state in place, all with the same ``scalars``.
+
+    All tensors of one call are on one device; params and grads share one float dtype.
+    8-bit state: ``exp_avgs`` / ``exp_avg_sqs`` are uint8 codes shaped like the params and
+    the absmax lists hold fp32 ``[ceil(numel / blocksize)]``. 32-bit state: fp32 moments
+    and ``None`` for both absmax lists. On CUDA: one kernel launch, no host synchronization.
+    """
+    if not params:
+        return
+    state8 = exp_avg_absmax is not None
+    if params[0].device.type == "cuda":
+        simple = [i for i, p in enumerate(params) if p.is_contiguous()]
+        if len(simple) == len(params):
+            _step_cuda(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax, scalars, blocksize)
+            return
+        # A non-contiguous parameter (rare: a strided view registered as a Parameter) takes
+        # the reference; the rest still go through one launch.
+        pick = lambda xs, idx: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        _step_cuda(
+            pick(params, simple), pick(grads, simple), pick(exp_avgs, simple), pick(exp_avg_sqs, simple),
+            pick(exp_avg_absmax, simple), pick(exp_avg_sq_absmax, simple), scalars, blocksize,
+        )
+        rest = [i for i in range(len(params)) if i not in set(simple)]
+        params, grads = pick(params, rest), pick(grads, rest)
+        exp_avgs, exp_avg_sqs = pick(exp_avgs, rest), pick(exp_avg_sqs, rest)
+        exp_avg_absmax, exp_avg_sq_absmax = pick(exp_avg_absmax, rest), pick(exp_avg_sq_absmax, rest)
+    for i, p in enumerate(params):
+        _step_reference(
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+            exp_avg_absmax[i] if state8 else None, exp_avg_sq_absmax[i] if state8 else None,
+            scalars, blocksize,
+        )
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+_ROW = 8  # int64 entries per tensor in the launch table: p, g, m, v, m_absmax, v_absmax, n, aligned
+_CHUNK = 256  # elements per warp iteration: 32 lanes x 8
+_tables: dict[tuple, torch.Tensor] = {}
+_TABLE_CACHE_SIZE = 32
+
+
+def _table(device: torch.device, rows: list[tuple[int, ...]], starts: list[int]) -> torch.Tensor:
+    """The launch table on ``device``, cached by its content (pointers, sizes).
+
+    While the pointers are stable (the usual case: the caching allocator hands backward the
+    same gradient buffers each step) the table is built once. A rebuild is a non-blocking
+    copy from pinned memory, so it never synchronizes either.
+    """
+    key = (device, tuple(rows), tuple(starts))
+    table = _tables.get(key)
+    if table is None:
+        flat = [x for row in rows for x in row] + starts
+        host = torch.tensor(flat, dtype=torch.int64).pin_memory()
+        table = host.to(device, non_blocking=True)
+        if len(_tables) >= _TABLE_CACHE_SIZE:
+            _tables.pop(next(iter(_tables)))
+        _tables[key] = table
+    return table
+
+
+@functools.cache
+def _grid_limit(fn_ptr: int, device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    per_sm = 4
+    try:
+        from cupy.cuda import driver
+
+        per_sm = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(fn_ptr, 256, 0))
+    except Exception:  # older CuPy without the occupancy API: a safe default
+        pass
+    return props.multi_processor_count * per_sm
+
+
+def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) -> None:
+    if not params:
+        return
+    device = params[0].device
+    dtype = params[0].dtype
+    state8 = mas is not None
+    rows, starts, total = [], [], 0
+    for i, p in enumerate(params):
+        g = grads[i]
+        if not g.is_contiguous():
+            g = g.contiguous()  # kept alive below through `keep`
+            grads[i] = g
+        n = p.numel()
+        ptrs = (p.data_ptr(), g.data_ptr(), ms[i].data_ptr(), vs[i].data_ptr())
+        aligned = int(all(x % 16 == 0 for x in ptrs[:2]) and all(x % 8 == 0 for x in ptrs[2:]))
+        if state8:
+            rows.append(ptrs + (mas[i].data_ptr(), vas[i].data_ptr(), n, aligned))
+        else:
+            rows.append(ptrs + (0, 0, n, int(aligned and all(x % 16 == 0 for x in ptrs))))
+        starts.append(total)
+        total += (n + _CHUNK - 1) // _CHUNK
+    starts.append(total)
+    if total == 0:
+        return
+    table = _table(device, rows, starts)
+    dev = _cupy.device_index(params[0])
+    bs = blocksize if state8 else 256
+    expr = f"adam_multi<{_CTYPE[dtype]},{'true' if state8 else 'false'},{'true' if s.decoupled else 'false'},{bs}>"
+    fn = _cupy.function("adam.cu", expr, dev, _NAMES)
+    warps_per_cta = 256 // 32
+    grid = min((total + warps_per_cta - 1) // warps_per_cta, _grid_limit(fn.ptr, dev))
+    args = (
+        _cupy.ptr(table),
+        np.int32(len(params)),
+        np.int64(total),
+        _cupy.ptr(map_on(True, device)),
+        _cupy.ptr(map_on(False, device)),
+        _cupy.ptr(map_boundaries(True, device)),
+        _cupy.ptr(map_boundaries(False, device)),
+        np.int32(zero_code(True)),
+        np.int32(zero_code(False)),
+        np.float32(s.beta1),
+        np.float32(s.one_minus_beta1),
+        np.float32(s.beta2),
+        np.float32(s.one_minus_beta2),
+        np.float32(s.eps),
+        np.float32(s.step_size),
+        np.float32(s.bc2_sqrt),
+        np.float32(s.decay),
+        np.float32(s.weight_decay),
+    )
+    _cupy.launch(fn, grid, 256, args, device)
+
+
+def state_blocks(numel: int, blocksize: int) -> int:
+    """Number of absmax entries of a tensor of ``numel`` elements."""
+    return num_blocks(numel, blocksize)

@@ -1,0 +1,239 @@
+// Fused multi-tensor Adam / AdamW step with 8-bit blockwise state (or fp32 state).
+// The PyTorch reference is kernels/adam.py; every operation below is one correctly
+// rounded fp32 operation (__fmul_rn & co. keep the compiler from contracting into FMAs),
+// so both compute the same bits.
+//
+// One launch covers every tensor of a step. `table` holds, per tensor, 8 int64:
+// p, g, m, v, m_absmax, v_absmax (pointers), n, aligned; then ntensors + 1 prefix sums of
+// the tensors' chunk counts. A chunk is 256 consecutive elements of one tensor: one warp
+// iteration, 8 elements per lane. Warps stride over all chunks (the grid is sized to the
+// GPU), so the 4 KB of map tables are loaded into shared memory once per CTA.
+//
+// Per element, one pass over memory: load p, g, codes (or fp32 moments) and the block's
+// absmax; dequantize; update the moments; reduce the new block absmax across the lanes
+// that hold the block (a warp shuffle); requantize; update the parameter; store.
+#include "common.cuh"
+
+#define E 8
+#define CHUNK 256
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
+    constexpr int N = sizeof(T) * E / 16;
+    union { uint4 u[N]; T t[E]; } buf;
+#pragma unroll
+    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = to_float(buf.t[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
+    constexpr int N = sizeof(T) * E / 16;
+    union { uint4 u[N]; T t[E]; } buf;
+#pragma unroll
+    for (int i = 0; i < E; ++i) buf.t[i] = from_float<T>(v[i]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) reinterpret_cast<uint4*>(p)[i] = buf.u[i];
+}
+
+__device__ __forceinline__ bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }
+
+// A first guess of a value's code in the dynamic map (kernels/quant_map.py): magnitudes
+// sit in decades [0.1, 1] * 10^(d-6), d = 0..6, decade d holding `cnt` = 2^d (signed) or
+// 2^(d+1) (unsigned) bin midpoints. The guess is exact away from decade edges; the
+// caller corrects it against the true decision boundaries, so it only saves work.
+template <bool SIGNED>
+__device__ __forceinline__ int guess_code(float x) {
+    const float a = fabsf(x);
+    constexpr float LO[7] = {1e-7f, 1e-6f, 1e-5f, 1e-4f, 1e-3f, 1e-2f, 1e-1f};
+    constexpr float INV[7] = {1e6f, 1e5f, 1e4f, 1e3f, 1e2f, 1e1f, 1e0f};
+    int d = -1;
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 7; ++j) {
+        if (a >= LO[j]) { d = j; s = a * INV[j]; }
+    }
+    if (d < 0) return SIGNED ? 127 : 0;
+    constexpr int BASE = SIGNED ? 1 : 2;
+    const int cnt = BASE << d;
+    int k = (int)((s - 0.1f) * ((float)cnt * (1.0f / 0.9f)));
+    k = k < 0 ? 0 : (k >= cnt ? cnt - 1 : k);
+    const int idx = BASE * ((1 << d) - 1) + k;  // rank among the positive midpoints
+    if (SIGNED) return x > 0.0f ? 128 + idx : 126 - idx;
+    return 1 + idx;
+}
+
+// Exactly torch.bucketize(v, mid): the number of decision boundaries below v, found by
+// walking from the guess (usually two shared-memory reads instead of a binary search's
+// eight). v is finite here.
+template <bool SIGNED>
+__device__ __forceinline__ int encode(const float* __restrict__ mid, float v) {
+    int c = guess_code<SIGNED>(v);
+    while (c < 255 && mid[c] < v) ++c;
+    while (c > 0 && !(mid[c - 1] < v)) --c;
+    return c;
+}
+
+__device__ __forceinline__ void load_codes(const u8* __restrict__ src, i64 base, i64 n, bool vec, int* c) {
+    if (vec) {
+        const uint2 packed = *reinterpret_cast<const uint2*>(src + base);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[i] = (packed.x >> (8 * i)) & 0xff;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[4 + i] = (packed.y >> (8 * i)) & 0xff;
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) c[i] = base + i < n ? src[base + i] : 0;
+    }
+}
+
+__device__ __forceinline__ void store_codes(u8* __restrict__ dst, i64 base, i64 n, bool vec, const int* c) {
+    if (vec) {
+        uint2 packed;
+        packed.x = c[0] | (c[1] << 8) | (c[2] << 16) | ((unsigned int)c[3] << 24);
+        packed.y = c[4] | (c[5] << 8) | (c[6] << 16) | ((unsigned int)c[7] << 24);
+        *reinterpret_cast<uint2*>(dst + base) = packed;
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            if (base + i < n) dst[base + i] = (u8)c[i];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vals(const T* __restrict__ src, i64 base, i64 n, bool vec, float* x) {
+    if (vec) {
+        load8(src + base, x);
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) x[i] = base + i < n ? to_float(src[base + i]) : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vals(T* __restrict__ dst, i64 base, i64 n, bool vec, const float* x) {
+    if (vec) {
+        store8(dst + base, x);
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            if (base + i < n) dst[base + i] = from_float<T>(x[i]);
+    }
+}
+
+// Quantize this lane's 8 values with the block absmax shared by the TPB lanes of its
+// quantization block; same algorithm as kernels/blockwise.py.
+template <bool SIGNED, int TPB>
+__device__ __forceinline__ float quantize8(const float* __restrict__ mid, const float* x, int zero, int* c) {
+    float a = 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) a = nanmax(a, fabsf(x[i]));
+    a = group_nanmax<TPB>(a);
+    if (!(a <= 3.402823466e38f)) {  // NaN or Inf in the block (only from corrupt old state)
+#pragma unroll
+        for (int i = 0; i < E; ++i) c[i] = zero;
+    } else {
+        const float inv = a > 0.0f ? 1.0f / a : 1.0f;
+#pragma unroll
+        for (int i = 0; i < E; ++i) c[i] = encode<SIGNED>(mid, __fmul_rn(x[i], inv));
+    }
+    return a;
+}
+
+template <typename T, bool STATE8, bool DECOUPLED, int BLOCK>
+__global__ void __launch_bounds__(256)
+adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
+           const float* __restrict__ qmap1, const float* __restrict__ qmap2,
+           const float* __restrict__ mid1, const float* __restrict__ mid2,
+           const int zero1, const int zero2,
+           const float beta1, const float omb1, const float beta2, const float omb2,
+           const float eps, const float step_size, const float bc2_sqrt,
+           const float decay, const float weight_decay) {
+    constexpr int TPB = BLOCK / E;  // lanes per quantization block (8, 16 or 32)
+    static_assert(TPB <= 32 && CHUNK % BLOCK == 0, "a quantization block lives in one warp");
+    __shared__ float smap1[256], smap2[256], smid1[256], smid2[256];
+    if (STATE8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            smap1[i] = qmap1[i];
+            smap2[i] = qmap2[i];
+            if (i < 255) { smid1[i] = mid1[i]; smid2[i] = mid2[i]; }
+        }
+        __syncthreads();
+    }
+    const i64* starts = table + (i64)ntensors * 8;
+    const int lane = threadIdx.x & 31;
+    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
+
+    for (i64 chunk = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); chunk < nchunks; chunk += warps) {
+        // the tensor holding this chunk: the last t with starts[t] <= chunk
+        int lo = 0, hi = ntensors - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (starts[mid] <= chunk) lo = mid; else hi = mid - 1;
+        }
+        const i64* row = table + (i64)lo * 8;
+        T* p = reinterpret_cast<T*>(row[0]);
+        const T* g = reinterpret_cast<const T*>(row[1]);
+        const i64 n = row[6];
+        const bool aligned = row[7] != 0;
+        const i64 base = (chunk - starts[lo]) * CHUNK + (i64)lane * E;
+        // lanes past the end still join the block reduction (with zeros), then store nothing
+        const bool vec = aligned && base + E <= n;
+
+        float pv[E], gv[E], m[E], v[E];
+        load_vals(p, base, n, vec, pv);
+        load_vals(g, base, n, vec, gv);
+        if (STATE8) {
+            const float* ma = reinterpret_cast<const float*>(row[4]);
+            const float* va = reinterpret_cast<const float*>(row[5]);
+            const i64 q = base / BLOCK;  // a lane never straddles two blocks: BLOCK % 8 == 0
+            const float am = base < n ? ma[q] : 0.0f;
+            const float av = base < n ? va[q] : 0.0f;
+            int cm[E], cv[E];
+            load_codes(reinterpret_cast<const u8*>(row[2]), base, n, vec, cm);
+            load_codes(reinterpret_cast<const u8*>(row[3]), base, n, vec, cv);
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
+                m[i] = __fmul_rn(smap1[cm[i]], am);
+                v[i] = __fmul_rn(smap2[cv[i]], av);
+            }
+        } else {
+            load_vals(reinterpret_cast<const float*>(row[2]), base, n, vec, m);
+            load_vals(reinterpret_cast<const float*>(row[3]), base, n, vec, v);
+        }
+
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+            float gi = gv[i];
+            if (!DECOUPLED) gi = __fadd_rn(gi, __fmul_rn(pv[i], weight_decay));
+            const float m1 = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, omb1));
+            const float v1 = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), omb2));
+            if (finite(m1) && finite(v1)) {  // else: the element keeps p, m and v
+                const float p1 = DECOUPLED ? __fmul_rn(pv[i], decay) : pv[i];
+                const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v1), bc2_sqrt), eps);
+                pv[i] = __fsub_rn(p1, __fdiv_rn(__fmul_rn(m1, step_size), denom));
+                m[i] = m1;
+                v[i] = v1;
+            }
+        }
+
+        store_vals(p, base, n, vec, pv);
+        if (STATE8) {
+            int cm[E], cv[E];
+            const float am = quantize8<true, TPB>(smid1, m, zero1, cm);
+            const float av = quantize8<false, TPB>(smid2, v, zero2, cv);
+            if (base < n) {
+                store_codes(reinterpret_cast<u8*>(row[2]), base, n, vec, cm);
+                store_codes(reinterpret_cast<u8*>(row[3]), base, n, vec, cv);
+                if ((lane & (TPB - 1)) == 0) {
+                    reinterpret_cast<float*>(row[4])[base / BLOCK] = am;
+                    reinterpret_cast<float*>(row[5])[base / BLOCK] = av;
+                }
+            }
+        } else {
+            store_vals(reinterpret_cast<float*>(row[2]), base, n, vec, m);
+            store_vals(reinterpret_cast<float*>(row[3]), base, n, vec, v);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+"""Adam and AdamW with 8-bit (blockwise-quantized) or 32-bit state.
+
+Algorithm (per element, ``t`` the parameter's step count; the exact fp32 operation
+order is in ``optim8.kernels.adam``)::
+
+    g  = g + weight_decay * p                     # Adam only (L2 penalty)
+    m  = beta1 * m + (1 - beta1) * g
+    v  = beta2 * v + (1 - beta2) * g**2
+    p  = p * (1 - lr * weight_decay)              # AdamW only (decoupled weight decay)
+    p  = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+8-bit state: ``m`` and ``v`` are stored blockwise (one fp32 absmax per ``blocksize``
+elements, a signed / unsigned 256-entry dynamic map), dequantized before the update and
+requantized with the new block absmax after it, in the same pass. Parameters with fewer
+than ``min_8bit_size`` elements, or marked with :func:`optim8.set_optim_bits`, keep fp32
+state. fp16/bf16 parameters are updated in fp32 and rounded once (to nearest even).
+
+Non-finite gradients: an element whose gradient is NaN or infinite (or whose squared
+gradient overflows) is skipped, its parameter and moments left as they were; the other
+elements of the tensor, and their 8-bit blocks, are updated normally. (With fp16 mixed
+precision, ``torch.amp.GradScaler`` skips the whole step before this matters.)
+
+Not supported (clear errors): sparse gradients, ``amsgrad=True``, a tensor ``lr`` on CUDA
+is read with ``float()`` each step (a host sync: pass a Python float).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels.adam import adam_scalars, adam_step
+from .optimizer import Optimizer8bit
+
+__all__ = ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit"]
+
+
+class Adam8bit(Optimizer8bit):
+    """Adam with 8-bit state; a drop-in for ``torch.optim.Adam`` (see the module docstring).
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        lr, betas, eps, weight_decay: as in ``torch.optim.Adam``.
+        amsgrad: must be False (8-bit AMSGrad is not implemented).
+        optim_bits: 8 (default) or 32 (the same optimizer with fp32 state).
+        min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
+        blocksize: elements per absmax block of the 8-bit state: 64, 128 or 256 (default).
+    """
+
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        optim_bits: int = 8,
+        min_8bit_size: int = 4096,
+        blocksize: int = 256,
+    ):
+        if amsgrad:
+            raise ValueError(f"{type(self).__name__} does not implement amsgrad=True; use torch.optim.AdamW(amsgrad=True)")
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay)
+        self._check_hyperparameters(defaults)
+        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size, blocksize=blocksize)
+
+    def _check_hyperparameters(self, group: dict) -> None:
+        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
+        if not 0.0 <= float(lr) < math.inf:
+            raise ValueError(f"Invalid learning rate: {float(lr)} (must be >= 0 and finite)")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        if not 0.0 <= eps < math.inf:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0 and finite)")
+        if not 0.0 <= wd < math.inf:
+            raise ValueError(f"Invalid weight_decay value: {wd} (must be >= 0 and finite)")
+
+    def _update_batch(self, group: dict, batch: list, *, state8: bool, step: int) -> None:
+        # LR schedulers may set a new lr (or betas) between steps: re-check what the kernel gets.
+        self._check_hyperparameters(group)
+        beta1, beta2 = group["betas"]
+        scalars = adam_scalars(
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            step=step,
+            decoupled=self.decoupled_weight_decay,
+        )
+        states = [s for _, _, s in batch]
+        adam_step(
+            [p for p, _, _ in batch],
+            [g for _, g, _ in batch],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["exp_avg_absmax"] for s in states] if state8 else None,
+            [s["exp_avg_sq_absmax"] for s in states] if state8 else None,
+            scalars=scalars,
+            blocksize=group["blocksize"],
+        )
+
+
+class AdamW8bit(Adam8bit):
+    """AdamW (decoupled weight decay) with 8-bit state; a drop-in for ``torch.optim.AdamW``.
+
+    Same arguments as :class:`Adam8bit`; ``weight_decay`` defaults to 1e-2 like torch's.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+class Adam32bit(Adam8bit):
+    """:class:`Adam8bit` with ``optim_bits=32``: fp32 state, same code path (and CUDA kernel)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, **kwargs):
+        kwargs.setdefault("optim_bits", 32)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+class AdamW32bit(AdamW8bit):
+    """:class:`AdamW8bit` with ``optim_bits=32``: fp32 state, same code path (and CUDA kernel)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
+        kwargs.setdefault("optim_bits", 32)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
