@@ -7,11 +7,14 @@ by device through ``torch.library`` custom ops; callers only ever see torch tens
 CuPy is imported the first time a CUDA tensor reaches a kernel.
 """
 
+from .adam import adam_step, adam_update_reference
 from .blockwise import BLOCKSIZES, DEFAULT_BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from .quant_map import dynamic_map
 
 __all__ = [
     "BLOCKSIZES",
+    "adam_step",
+    "adam_update_reference",
     "DEFAULT_BLOCKSIZE",
     "dequantize_blockwise",
     "dynamic_map",

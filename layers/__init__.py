@@ -1,3 +1,7 @@
 """optim8's layers: int8 linear layers and the embedding meant for 8-bit optimizers."""
 
 __all__: list[str] = []
+
+from .embedding import StableEmbedding  # noqa: E402
+
+__all__ += ["StableEmbedding"]
