@@ -10,6 +10,7 @@ CuPy is imported the first time a CUDA tensor reaches a kernel.
 from .adam import adam_step, adam_update_reference
 from .blockwise import BLOCKSIZES, DEFAULT_BLOCKSIZE, dequantize_blockwise, quantize_blockwise
 from .quant_map import dynamic_map
+from .int8 import dequantize_rowwise, int8_linear, quantize_activations, quantize_rowwise
 
 __all__ = [
     "BLOCKSIZES",
@@ -18,5 +19,9 @@ __all__ = [
     "DEFAULT_BLOCKSIZE",
     "dequantize_blockwise",
     "dynamic_map",
+    "dequantize_rowwise",
+    "int8_linear",
+    "quantize_activations",
+    "quantize_rowwise",
     "quantize_blockwise",
 ]

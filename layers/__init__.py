@@ -2,6 +2,10 @@
 
 __all__: list[str] = []
 
+from .linear8bit import Linear8bitLt, quantize_model  # noqa: E402
+
+__all__ += ["Linear8bitLt", "quantize_model"]
+
 from .embedding import StableEmbedding  # noqa: E402
 
 __all__ += ["StableEmbedding"]

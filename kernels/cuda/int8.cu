@@ -1,0 +1,180 @@
+// LLM.int8() kernels for Linear8bitLt. The PyTorch reference of every kernel is in
+// kernels/int8.py; products are rounded with __fmul_rn / __fadd_rn (never contracted
+// into an FMA) so that the CUDA path and the reference agree bit for bit where the
+// reference computes the same sequence of fp32 operations.
+//
+//   outlier_columns   flags[k] = 1 where any |x[m, k]| >= threshold
+//   quantize_rows     per token row: absmax over the non-outlier columns, int8 codes
+//                     rint(x * 127 / absmax) (outlier columns -> 0), row scale absmax / 127
+//   int8_epilogue     out = acc * (row_scale[m] * SCB[n]) + outlier[m, n] + bias[n]
+//   dequantize_rows   W[n, k] = q[n, k] * SCB[n], rounded once to the output dtype
+//   gemv_int8         decode path (<= 16 tokens): out = (x @ q^T) * SCB + bias, x read in
+//                     float, int8 weights dequantized in registers, fp32 accumulation
+#include "common.cuh"
+
+typedef signed char i8;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// x: [M, K] row-major; flags: K ints, zeroed by the caller. One thread per column, each
+// CTA row of the grid scans `rows` token rows, so reads are coalesced across the warp.
+template <typename T>
+__global__ void outlier_columns(const T* __restrict__ x, int* __restrict__ flags, const i64 M, const int K,
+                                const float threshold, const int rows) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= K) return;
+    const i64 m0 = (i64)blockIdx.y * rows;
+    const i64 m1 = m0 + rows < M ? m0 + rows : M;
+    bool found = false;
+    for (i64 m = m0; m < m1 && !found; ++m) found = fabsf(to_float(x[m * K + k])) >= threshold;
+    if (found) flags[k] = 1;  // every writer stores the same value: no atomic needed
+}
+
+// One CTA (256 threads) per token row. flags may be null (threshold 0: no outliers).
+// xq: [M, Kp] with Kp >= K (columns K..Kp-1 are written as 0: padding for the int8 GEMM).
+// A row holding NaN/Inf outside the outlier columns gets row_scale NaN/Inf and codes 0,
+// so its outputs are NaN, as in the reference.
+template <typename T>
+__global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ flags, i8* __restrict__ xq,
+                              float* __restrict__ row_scale, const int K, const int Kp) {
+    __shared__ float swarp[8];
+    const i64 m = blockIdx.x;
+    const T* row = x + m * K;
+    float amax = 0.0f;
+    for (int k = threadIdx.x; k < K; k += 256) {
+        if (flags == nullptr || flags[k] == 0) amax = nanmax(amax, fabsf(to_float(row[k])));
+    }
+    amax = group_nanmax<32>(amax);
+    if (threadIdx.x % 32 == 0) swarp[threadIdx.x / 32] = amax;
+    __syncthreads();
+    amax = swarp[0];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) amax = nanmax(amax, swarp[w]);
+    const bool usable = amax > 0.0f && amax <= 3.402823466e38f;  // finite and non-zero
+    const float inv = usable ? __fdiv_rn(127.0f, amax) : 0.0f;
+    i8* qrow = xq + m * Kp;
+    for (int k = threadIdx.x; k < Kp; k += 256) {
+        float v = 0.0f;
+        if (k < K && (flags == nullptr || flags[k] == 0)) v = __fmul_rn(to_float(row[k]), inv);
+        v = fminf(fmaxf(rintf(v), -127.0f), 127.0f);
+        qrow[k] = (i8)(int)v;
+    }
+    if (threadIdx.x == 0) row_scale[m] = __fdiv_rn(amax, 127.0f);
+}
+
+// acc: [M, ldacc] int32 (ldacc >= N); outlier: [M, N] in T or null; bias: [N] fp32 or null.
+template <typename T>
+__global__ void int8_epilogue(const int* __restrict__ acc, const int ldacc, const float* __restrict__ row_scale,
+                              const float* __restrict__ scb, const T* __restrict__ outlier,
+                              const float* __restrict__ bias, T* __restrict__ out, const i64 M, const int N) {
+    const i64 total = M * N;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        const i64 m = i / N;
+        const int n = (int)(i - m * N);
+        float v = __fmul_rn((float)acc[m * ldacc + n], __fmul_rn(row_scale[m], scb[n]));
+        if (outlier != nullptr) v = __fadd_rn(v, to_float(outlier[i]));
+        if (bias != nullptr) v = __fadd_rn(v, bias[n]);
+        out[i] = from_float<T>(v);
+    }
+}
+
+// q: [rows, K] int8, scb: [rows] -> out: [rows, K] in T.
+template <typename T>
+__global__ void dequantize_rows(const i8* __restrict__ q, const float* __restrict__ scb, T* __restrict__ out,
+                                const i64 rows, const int K) {
+    const i64 total = rows * K;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        out[i] = from_float<T>(__fmul_rn((float)q[i], scb[i / K]));
+    }
+}
+
+// Decode path. A CTA is 8 warps; each warp owns R consecutive output rows and walks K in
+// tiles of 512: lane l handles the 16 weights k0 + 16 l .. k0 + 16 l + 15 of each of its
+// rows (one 16-byte load per row when `vec`), against the MT token rows of x staged as
+// fp32 in shared memory. The staged tile is padded to 20 floats per 16 so that the
+// lanes' float4 reads hit distinct banks. Weights are read once, straight from their
+// int8 storage (half the bytes of fp16), which is why this beats an fp16 GEMV.
+// out[m, n] = (sum_k x[m, k] * q[n, k]) * SCB[n] + bias[n], fp32 accumulation (per-lane
+// partial sums, then a butterfly over the warp), rounded once to T.
+#define GEMV_WARPS 8
+#define GEMV_KT 512
+#define GEMV_XS 640
+
+template <typename T, int MT, int R>
+__global__ void __launch_bounds__(256) gemv_int8(const T* __restrict__ x, const i8* __restrict__ w,
+                                                 const float* __restrict__ scb, const float* __restrict__ bias,
+                                                 T* __restrict__ out, const int M, const int N, const int K,
+                                                 const int vec) {
+    __shared__ __align__(16) float xs[MT * GEMV_XS];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * R;
+    float acc[R][MT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += GEMV_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < MT * GEMV_KT; i += 256) {
+            const int m = i / GEMV_KT;
+            const int kk = i - m * GEMV_KT;
+            const int k = k0 + kk;
+            const float v = (m < M && k < K) ? to_float(x[(i64)m * K + k]) : 0.0f;
+            xs[m * GEMV_XS + (kk / 16) * 20 + kk % 16] = v;
+        }
+        __syncthreads();
+        const int kl = k0 + lane * 16;
+        if (kl >= K) continue;
+        float wf[R][16];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = row0 + r;
+            const i8* wrow = w + (i64)(n < N ? n : 0) * K;
+            if (vec) {
+                union { int4 v; i8 b[16]; } pack;
+                pack.v = n < N ? *reinterpret_cast<const int4*>(wrow + kl) : make_int4(0, 0, 0, 0);
+#pragma unroll
+                for (int j = 0; j < 16; ++j) wf[r][j] = (float)pack.b[j];
+            } else {
+#pragma unroll
+                for (int j = 0; j < 16; ++j) wf[r][j] = (n < N && kl + j < K) ? (float)wrow[kl + j] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const float4* xp = reinterpret_cast<const float4*>(xs + m * GEMV_XS + lane * 20);
+            float xv[16];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float4 t = xp[j];
+                xv[4 * j] = t.x;
+                xv[4 * j + 1] = t.y;
+                xv[4 * j + 2] = t.z;
+                xv[4 * j + 3] = t.w;
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < 16; ++j) acc[r][m] += xv[j] * wf[r][j];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int n = row0 + r;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const float v = warp_sum(acc[r][m]);
+            if (lane == 0 && n < N && m < M) {
+                float o = __fmul_rn(v, scb[n]);
+                if (bias != nullptr) o = __fadd_rn(o, bias[n]);
+                out[(i64)m * N + n] = from_float<T>(o);
+            }
+        }
+    }
+}

@@ -1,0 +1,437 @@
+"""LLM.int8() kernels: row-wise int8 weights, the mixed int8/float matmul and its backward.
+
+Weights (``quantize_rowwise``), per output row n of a float ``W[N, K]``::
+
+    absmax_n = max_k |W[n, k]|                       # fp32
+    SCB_n    = absmax_n / 127                        # fp32 row scale, W ~= q * SCB
+    q[n, k]  = clamp(rint(W[n, k] * (127 / absmax_n)), -127, 127)   # int8; 0 if absmax_n == 0
+
+so ``|W - q * SCB| <= SCB / 2`` per element. (bitsandbytes keeps ``absmax_n`` itself in its
+``SCB``; ours is the scale, ``absmax_n / 127``.) Non-finite weights are refused.
+
+Forward, ``int8_linear(x[M, K], q, SCB, bias, threshold)`` computes ``x @ W^T + bias`` with
+``W = q * SCB`` in one of two ways, the same on every device:
+
+* M <= ``DECODE_TOKENS`` (16, decoding): weight-only int8. ``out = (x @ q^T) * SCB + bias``
+  with x read in float and fp32 accumulation. Activations are not quantized, so no outlier
+  decomposition is needed and the result is as accurate as a float matmul against the
+  dequantized weight. On CUDA a GEMV-style kernel reads the int8 weight directly (half the
+  bytes of fp16).
+* M > 16: the LLM.int8() mixed decomposition.
+
+      outlier[k]  = threshold > 0 and any_m |x[m, k]| >= threshold
+      amax_m      = max_{k not outlier} |x[m, k]|            # fp32, NaN propagates
+      xq[m, k]    = 0 if outlier[k] else rint(x[m, k] * (127 / amax_m))   # int8
+      row_scale_m = amax_m / 127
+      acc         = xq @ q^T                                # exact int32
+      out         = acc * (row_scale_m * SCB_n)             # fp32
+                    + x[:, outlier] @ (q[:, outlier] * SCB)^T   # in x's dtype
+                    + bias                                  # fp32, then one rounding to x's dtype
+
+  The outlier columns (few: activations of large models have a handful of feature
+  dimensions far above the rest) keep their precision; quantizing them would flatten
+  every other value of their rows to zero.
+
+Backward (straight-through): ``grad_x = grad_out @ dequantize_rowwise(q, SCB, grad.dtype)``,
+the dequantized weight is a temporary of the backward call only.
+
+Every function here is a ``torch.library`` custom op: the PyTorch reference is the default
+(CPU) implementation, CUDA gets CuPy kernels (``cuda/int8.cu``) plus ``torch._int_mm``
+(cuBLASLt int8 GEMM with int32 accumulation), and fake implementations make meta-device
+models and ``torch.compile`` work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _cupy
+
+__all__ = [
+    "DECODE_TOKENS",
+    "quantize_rowwise",
+    "dequantize_rowwise",
+    "quantize_activations",
+    "int8_linear",
+    "int8_linear_grad_input",
+]
+
+DECODE_TOKENS = 16
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
+_GEMV_MT = (1, 2, 4, 8, 16)
+_GEMV_R = 4
+_NAMES = _cupy.register(
+    "int8.cu",
+    tuple(f"{k}<{c}>" for k in ("outlier_columns", "quantize_rows", "int8_epilogue", "dequantize_rows") for c in _CTYPE.values())
+    + tuple(f"gemv_int8<{c},{mt},{_GEMV_R}>" for c in _CTYPE.values() for mt in _GEMV_MT),
+)
+# Rows of W quantized per step: bounds the fp32 temporary of a weight quantization to ~64 MiB.
+_QUANT_CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization of a 2-D float weight (any device); see the module docstring."""
+    rows, cols = w.shape
+    q = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
+    scb = torch.empty(rows, dtype=torch.float32, device=w.device)
+    step = max(1, _QUANT_CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        block = w[r0 : r0 + step].float()
+        absmax = block.abs().amax(dim=1) if cols else torch.zeros(block.shape[0], device=w.device)
+        inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+        q[r0 : r0 + step] = torch.round(block * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+        scb[r0 : r0 + step] = absmax / 127.0
+    return q, scb
+
+
+def dequantize_rowwise_reference(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scb[:, None]).to(dtype)
+
+
+def quantize_activations_reference(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(xq int8 [M, K], row_scale fp32 [M], outlier bool [K])`` of a 2-D float ``x``; see the module docstring."""
+    xf = x.float()
+    if threshold > 0 and x.shape[0] > 0:
+        outlier = (xf.abs() >= threshold).any(dim=0)
+    else:
+        outlier = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    kept = xf.masked_fill(outlier[None, :], 0.0)
+    # amax propagates NaN like the kernel's nanmax; an empty row (K == 0) has amax 0.
+    amax = kept.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    usable = (amax > 0) & torch.isfinite(amax)
+    inv = torch.where(usable, 127.0 / amax, torch.zeros_like(amax))
+    scaled = torch.nan_to_num(kept * inv[:, None], nan=0.0, posinf=0.0, neginf=0.0)
+    xq = torch.round(scaled).clamp_(-127, 127).to(torch.int8)
+    return xq, amax / 127.0, outlier
+
+
+def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[M, K] @ b[N, K]^T`` of int8 matrices, exactly, in int32 (any device, any shape)."""
+    try:
+        return torch._int_mm(a, b.t())
+    except RuntimeError:
+        # Backends without an int8 GEMM for this shape: fp32 products of int8 values are
+        # exact, and so is every partial sum of a chunk while |sum| < 2**24, i.e. for chunks
+        # of at most 2**24 / 127**2 = 1040 columns.
+        acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+        for k0 in range(0, a.shape[1], 1024):
+            acc += (a[:, k0 : k0 + 1024].float() @ b[:, k0 : k0 + 1024].float().t()).to(torch.int32)
+        return acc
+
+
+def int8_linear_reference(
+    x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor], threshold: float
+) -> torch.Tensor:
+    """The definition of the int8 linear forward on 2-D ``x`` (any device); see the module docstring."""
+    bias32 = None if bias is None else bias.float()
+    if x.shape[0] <= DECODE_TOKENS:
+        out = (x.float() @ q.float().t()) * scb
+        if bias32 is not None:
+            out = out + bias32
+        return out.to(x.dtype)
+    xq, row_scale, outlier = quantize_activations_reference(x, threshold)
+    acc = _int_mm_exact(xq, q)
+    out = acc.float() * (row_scale[:, None] * scb[None, :])
+    cols = outlier.nonzero().flatten()
+    if cols.numel():
+        out = out + _outlier_part(x, q, scb, cols).float()
+    if bias32 is not None:
+        out = out + bias32
+    return out.to(x.dtype)
+
+
+def _outlier_part(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x[:, cols] @ (q[:, cols] * SCB)^T`` in x's dtype (the float half of the decomposition)."""
+    w_cols = dequantize_rowwise_reference(q[:, cols], scb, x.dtype)
+    return x[:, cols] @ w_cols.t()
+
+
+# ----------------------------------------------------------------------------- CUDA paths
+
+
+def _launch(kernel: str, grid, block, args, device: torch.device) -> None:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _cupy.function("int8.cu", kernel, index, _NAMES)
+    _cupy.launch(fn, grid, block, args, device)
+
+
+def _null_or_ptr(t: Optional[torch.Tensor]) -> np.uint64:
+    return np.uint64(0) if t is None else _cupy.ptr(t)
+
+
+def _quantize_activations_cuda(x: torch.Tensor, threshold: float, k_padded: int):
+    m, k = x.shape
+    ctype = _CTYPE[x.dtype]
+    xq = torch.empty((m, k_padded), dtype=torch.int8, device=x.device)
+    row_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    flags = None
+    if threshold > 0 and m and k:
+        flags = torch.zeros(k, dtype=torch.int32, device=x.device)
+        rows = 64
+        grid = ((k + 255) // 256, (m + rows - 1) // rows)
+        _launch(
+            f"outlier_columns<{ctype}>",
+            grid,
+            256,
+            (_cupy.ptr(x), _cupy.ptr(flags), np.int64(m), np.int32(k), np.float32(threshold), np.int32(rows)),
+            x.device,
+        )
+    if m:
+        _launch(
+            f"quantize_rows<{ctype}>",
+            m,
+            256,
+            (_cupy.ptr(x), _null_or_ptr(flags), _cupy.ptr(xq), _cupy.ptr(row_scale), np.int32(k), np.int32(k_padded)),
+            x.device,
+        )
+    return xq, row_scale, flags
+
+
+def _grid_1d(total: int, block: int = 256) -> int:
+    # Grid-stride kernels: enough CTAs to fill the GPU several times over, no more.
+    return max(1, min((total + block - 1) // block, 65535 * 4))
+
+
+def _dequantize_cuda(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q, scb = q.contiguous(), scb.contiguous()
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if q.numel():
+        _launch(
+            f"dequantize_rows<{_CTYPE[dtype]}>",
+            _grid_1d(q.numel()),
+            256,
+            (_cupy.ptr(q), _cupy.ptr(scb), _cupy.ptr(out), np.int64(q.shape[0]), np.int32(q.shape[1])),
+            q.device,
+        )
+    return out
+
+
+def _gemv_cuda(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias32: Optional[torch.Tensor]) -> torch.Tensor:
+    m, k = x.shape
+    n = q.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    mt = next(t for t in _GEMV_MT if t >= m)
+    rows_per_cta = 8 * _GEMV_R
+    vec = int(k % 16 == 0 and q.data_ptr() % 16 == 0)
+    _launch(
+        f"gemv_int8<{_CTYPE[x.dtype]},{mt},{_GEMV_R}>",
+        (n + rows_per_cta - 1) // rows_per_cta,
+        256,
+        (
+            _cupy.ptr(x),
+            _cupy.ptr(q),
+            _cupy.ptr(scb),
+            _null_or_ptr(bias32),
+            _cupy.ptr(out),
+            np.int32(m),
+            np.int32(n),
+            np.int32(k),
+            np.int32(vec),
+        ),
+        x.device,
+    )
+    return out
+
+
+def _round_up(v: int, to: int) -> int:
+    return (v + to - 1) // to * to
+
+
+def _int8_linear_cuda(x, q, scb, bias, threshold):
+    x, q, scb = x.contiguous(), q.contiguous(), scb.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    bias32 = None if bias is None else bias.float().contiguous()
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m <= DECODE_TOKENS:
+        return _gemv_cuda(x, q, scb, bias32)
+    # cuBLASLt's int8 GEMM (torch._int_mm) wants K and N multiples of 8; other shapes pad
+    # with zero columns / rows, which add nothing to the int32 sums.
+    kp, np_ = _round_up(max(k, 1), 8), _round_up(n, 8)
+    xq, row_scale, flags = _quantize_activations_cuda(x, threshold, kp)
+    wq = q
+    if kp != k or np_ != n:
+        wq = torch.zeros((np_, kp), dtype=torch.int8, device=q.device)
+        wq[:n, :k] = q
+    acc = torch._int_mm(xq, wq.t())
+    outlier = None
+    if flags is not None:
+        # The one host sync of the forward: the outlier columns are data-dependent. It is
+        # placed after the GEMM is queued, so the GPU stays busy while the host waits.
+        cols = flags.nonzero().flatten()
+        if cols.numel():
+            outlier = _outlier_part(x, q, scb, cols).contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _launch(
+        f"int8_epilogue<{_CTYPE[x.dtype]}>",
+        _grid_1d(m * n),
+        256,
+        (
+            _cupy.ptr(acc),
+            np.int32(acc.shape[1]),
+            _cupy.ptr(row_scale),
+            _cupy.ptr(scb),
+            _null_or_ptr(outlier),
+            _null_or_ptr(bias32),
+            _cupy.ptr(out),
+            np.int64(m),
+            np.int32(n),
+        ),
+        x.device,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op("optim8::quantize_rowwise", mutates_args=())
+def _quantize_rowwise_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rowwise_reference(w)
+
+
+@_quantize_rowwise_op.register_fake
+def _(w):
+    return w.new_empty(w.shape, dtype=torch.int8), w.new_empty((w.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("optim8::dequantize_rowwise", mutates_args=())
+def _dequantize_op(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_rowwise_reference(q, scb, dtype)
+
+
+@_dequantize_op.register_fake
+def _(q, scb, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+_dequantize_op.register_kernel("cuda")(_dequantize_cuda)
+
+
+@torch.library.custom_op("optim8::quantize_activations", mutates_args=())
+def _quantize_activations_op(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return quantize_activations_reference(x, threshold)
+
+
+@_quantize_activations_op.register_fake
+def _(x, threshold):
+    m, k = x.shape
+    return (
+        x.new_empty((m, k), dtype=torch.int8),
+        x.new_empty((m,), dtype=torch.float32),
+        x.new_empty((k,), dtype=torch.bool),
+    )
+
+
+@_quantize_activations_op.register_kernel("cuda")
+def _(x, threshold):
+    x = x.contiguous()
+    k = x.shape[1]
+    xq, row_scale, flags = _quantize_activations_cuda(x, threshold, k)
+    outlier = flags.bool() if flags is not None else torch.zeros(k, dtype=torch.bool, device=x.device)
+    return xq, row_scale, outlier
+
+
+@torch.library.custom_op("optim8::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor], threshold: float
+) -> torch.Tensor:
+    return int8_linear_reference(x, q, scb, bias, threshold)
+
+
+@_int8_linear_op.register_fake
+def _(x, q, scb, bias, threshold):
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
+_int8_linear_op.register_kernel("cuda")(_int8_linear_cuda)
+
+
+@torch.library.custom_op("optim8::int8_linear_grad_input", mutates_args=())
+def _grad_input_op(grad: torch.Tensor, q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    return grad @ dequantize_rowwise_reference(q, scb, grad.dtype)
+
+
+@_grad_input_op.register_fake
+def _(grad, q, scb):
+    return grad.new_empty((grad.shape[0], q.shape[1]))
+
+
+@_grad_input_op.register_kernel("cuda")
+def _(grad, q, scb):
+    return grad @ _dequantize_cuda(q, scb, grad.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, q, scb, bias, threshold = inputs
+    # Only what the backward reads: the (frozen, already resident) int8 weight and scales.
+    # x is not needed: the weight takes no gradient, and the bias gradient is a sum of grad.
+    ctx.save_for_backward(q, scb)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    q, scb = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_input_op(grad.contiguous(), q, scb)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad.float().sum(dim=0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+_int8_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float ``[N, K]`` weight to ``(q int8 [N, K], SCB fp32 [N])``; ``W ~= q * SCB[:, None]``.
+
+    Raises ``ValueError`` if ``w`` holds NaN or Inf (checked except on the meta device).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_rowwise expects a 2-D [out_features, in_features] weight, got shape {tuple(w.shape)}")
+    if w.dtype not in FLOAT_DTYPES and w.dtype != torch.float64:
+        raise TypeError(f"quantize_rowwise takes a floating weight, got {w.dtype}")
+    if w.device.type != "meta" and w.numel() and not bool(torch.isfinite(w).all()):
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"weight of shape {tuple(w.shape)} holds {bad} NaN/Inf values and cannot be quantized")
+    return _quantize_rowwise_op(w.detach())
+
+
+def dequantize_rowwise(q: torch.Tensor, scb: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q * SCB[:, None])`` computed in fp32 and rounded once to ``dtype``."""
+    if q.dtype != torch.int8 or scb.dtype != torch.float32:
+        raise TypeError(f"dequantize_rowwise takes int8 codes and fp32 scales, got {q.dtype} and {scb.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return _dequantize_op(q, scb, dtype)
+
+
+def quantize_activations(x: torch.Tensor, *, threshold: float = 6.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outlier columns and row-wise int8 codes of a 2-D activation: ``(xq, row_scale, outlier)``."""
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_activations takes a 2-D fp32/fp16/bf16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    return _quantize_activations_op(x, float(threshold))
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None, *, threshold: float = 6.0
+) -> torch.Tensor:
+    """``x[M, K] @ (q * SCB)^T + bias`` by the decode or the mixed int8 path (module docstring), differentiable in x and bias."""
+    return _int8_linear_op(x, q, scb, bias, float(threshold))
+
+
+def int8_linear_grad_input(grad: torch.Tensor, q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """``grad[M, N] @ dequantize_rowwise(q, SCB)`` in grad's dtype."""
+    return _grad_input_op(grad, q, scb)
