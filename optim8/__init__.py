@@ -3,11 +3,13 @@
 from . import kernels, layers
 from .adam import Adam8bit, Adam32bit, AdamW8bit, AdamW32bit
 from .optimizer import Optimizer8bit, set_optim_bits
+from .layers import Linear8bitLt, quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = ["kernels", "layers", "__version__"]
 __all__ += ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit", "Optimizer8bit", "set_optim_bits"]
+__all__ += ["Linear8bitLt", "quantize_model"]
 
 # Hugging Face: prepare_for_lora is plain PyTorch; Int8Config needs transformers and is imported on
 # first access. Registration with transformers and peft happens when they are imported (never here).
