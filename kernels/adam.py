@@ -109,16 +109,28 @@ def adam_scalars(*, lr: float, beta1: float, beta2: float, eps: float, weight_de
 def adam_update_reference(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamScalars
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Adam(W) update of fp32 tensors; returns new ``(p, m, v)`` (see the module docstring)."""
+    """One Adam(W) update of fp32 tensors; returns new ``(p, m, v)`` (see the module docstring).
+
+    The inputs are not modified. In-place operations below act only on fresh temporaries
+    (each is still one correctly rounded fp32 operation; they just avoid allocations).
+    """
     if not s.decoupled:
         g = g + p * s.weight_decay
-    m1 = m * s.beta1 + g * s.one_minus_beta1
-    v1 = v * s.beta2 + (g * g) * s.one_minus_beta2
-    p1 = p * s.decay if s.decay != 1.0 else p
-    denom = v1.sqrt() / s.bc2_sqrt + s.eps
-    p1 = p1 - (m1 * s.step_size) / denom
-    ok = torch.isfinite(m1) & torch.isfinite(v1)
-    if not bool(ok.all()):
+    m1 = m * s.beta1
+    m1 += g * s.one_minus_beta1
+    v1 = g * g
+    v1 *= s.one_minus_beta2
+    v1 += v * s.beta2
+    denom = v1.sqrt()
+    denom /= s.bc2_sqrt
+    denom += s.eps
+    step = m1 * s.step_size
+    step /= denom
+    p1 = p * s.decay
+    p1 -= step
+    # cheap screen first (a sum is one pass; an overflowing sum only sends us to the exact check)
+    if not math.isfinite(float(m1.sum()) + float(v1.sum())):
+        ok = torch.isfinite(m1) & torch.isfinite(v1)
         m1 = torch.where(ok, m1, m)
         v1 = torch.where(ok, v1, v)
         p1 = torch.where(ok, p1, p)
