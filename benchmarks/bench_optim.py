@@ -1,0 +1,160 @@
+"""Optimizer step time over the TinyLlama-1.1B parameter set, against the memory-bandwidth floor.
+
+    python benchmarks/bench_optim.py [--dtypes float32 bfloat16] [--out benchmarks/results/optim.md]
+
+Parameter set (DESIGN.md): hidden 2048, 22 layers, MLP 5632, 4 KV heads of 64, vocab 32000,
+untied head: 201 tensors, 1.10 B parameters. Random parameters and gradients (gradients
+are set once and reused; every step still reads them).
+
+Compared in one process on one device: ``optim8.AdamW8bit``, ``torch.optim.AdamW(fused=True)``,
+``bitsandbytes.optim.AdamW8bit`` (where importable), and the bandwidth floor of an 8-bit Adam:
+the bytes it must move (read p, g, both code bytes; write p and both code bytes: 16 B/param
+for fp32, 10 B/param for bf16, plus the absmax) divided by the bandwidth of a large
+device-to-device copy measured in the same run. Times are CUDA-event medians of whole
+``step()`` calls; "host ms" is the CPU time of one ``step()`` call (launch overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import time
+
+import torch
+
+import optim8
+
+
+def tinyllama_shapes(hidden=2048, layers=22, mlp=5632, kv_heads=4, head_dim=64, vocab=32000):
+    kv = kv_heads * head_dim
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (mlp, hidden), (mlp, hidden), (hidden, mlp), (hidden,), (hidden,)]
+    shapes += [(hidden,), (vocab, hidden)]
+    return shapes
+
+
+def cuda_time_ms(fn, warmup=3, iters=20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_ms(fn, iters=10) -> float:
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes=4 * 2**30) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / ms / 1e6  # read + write
+
+
+def make_params(shapes, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.empty(s, device="cuda", dtype=dtype))
+        p.data.normal_(0, 0.02, generator=gen)
+        p.grad = torch.empty_like(p).normal_(0, 1e-3, generator=gen)
+        params.append(p)
+    return params
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def bench(name, make_opt, shapes, dtype):
+    params = make_params(shapes, dtype)
+    n = sum(p.numel() for p in params)
+    try:
+        opt = make_opt(params)
+    except Exception as exc:  # e.g. torch fused AdamW refusing a dtype
+        return (name, float("nan"), float("nan"), float("nan"), f"failed: {exc}")
+    ms = cuda_time_ms(opt.step)
+    hms = host_ms(opt.step)
+    sb = state_bytes(opt) / n
+    del opt, params
+    torch.cuda.empty_cache()
+    return (name, ms, hms, sb, "")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--out", default="benchmarks/results/optim.md")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    shapes = tinyllama_shapes()
+    n = sum(torch.Size(s).numel() for s in shapes)
+    copy_gbs = copy_bandwidth_gbs()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+
+    device = torch.cuda.get_device_name()
+    lines = [
+        f"# Optimizer step, TinyLlama-1.1B parameter set ({datetime.date.today()}, {device}, torch {torch.__version__})",
+        "",
+        f"{len(shapes)} tensors, {n / 1e9:.3f} B parameters; copy bandwidth measured in this run: {copy_gbs:.0f} GB/s "
+        f"(read + write). lr 1e-4, weight decay 0.01, betas (0.9, 0.999).",
+        "",
+    ]
+    hp = dict(lr=1e-4, weight_decay=0.01)
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        esize = torch.finfo(dtype).bits // 8
+        floor_bytes = n * (3 * esize + 4) + 2 * 2 * 4 * sum((torch.Size(s).numel() + 255) // 256 for s in shapes)
+        floor_ms = floor_bytes / copy_gbs / 1e6
+        rows = [bench("optim8 AdamW8bit", lambda ps: optim8.AdamW8bit(ps, **hp), shapes, dtype)]
+        rows.append(bench("torch AdamW (fused=True)", lambda ps: torch.optim.AdamW(ps, fused=True, **hp), shapes, dtype))
+        if bnb is not None:
+            rows.append(bench(f"bitsandbytes {bnb.__version__} AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, **hp), shapes, dtype))
+        lines += [
+            f"## {dtype_name} parameters and gradients",
+            "",
+            f"Floor: {floor_bytes / n:.2f} B/param / {copy_gbs:.0f} GB/s = {floor_ms:.2f} ms.",
+            "",
+            "| optimizer | ms/step | x floor | host ms/step() | state B/param | note |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| bandwidth floor (8-bit Adam) | {floor_ms:.2f} | 1.00 | | 2.03 | |",
+        ]
+        for name, ms, hms, sb, note in rows:
+            lines.append(f"| {name} | {ms:.2f} | {ms / floor_ms:.2f} | {hms:.2f} | {sb:.2f} | {note} |")
+        if bnb is None:
+            lines.append("| bitsandbytes AdamW8bit | | | | | not installed |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
