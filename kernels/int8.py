@@ -200,6 +200,8 @@ def _grid_1d(total: int, block: int = 256) -> int:
 
 
 def _dequantize_cuda(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype not in _CTYPE:  # float64: no kernel instantiation, the reference is exact enough
+        return dequantize_rowwise_reference(q, scb, dtype)
     q, scb = q.contiguous(), scb.contiguous()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     if q.numel():
@@ -413,8 +415,8 @@ def dequantize_rowwise(q: torch.Tensor, scb: torch.Tensor, *, dtype: torch.dtype
     """``(q * SCB[:, None])`` computed in fp32 and rounded once to ``dtype``."""
     if q.dtype != torch.int8 or scb.dtype != torch.float32:
         raise TypeError(f"dequantize_rowwise takes int8 codes and fp32 scales, got {q.dtype} and {scb.dtype}")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16, float64), got {dtype}")
     return _dequantize_op(q, scb, dtype)
 
 

@@ -135,9 +135,8 @@ class Linear8bitLt(nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
         has_bias = linear.bias is not None
-        layer = cls(
-            linear.in_features, linear.out_features, bias=has_bias, threshold=threshold, device="meta", dtype=weight.dtype
-        )
+        dtype = linear.compute_dtype if isinstance(linear, Linear8bitLt) else weight.dtype
+        layer = cls(linear.in_features, linear.out_features, bias=has_bias, threshold=threshold, device="meta", dtype=dtype)
         if isinstance(linear, Linear8bitLt):
             layer.compute_dtype = linear.compute_dtype
             layer.layer_name = linear.layer_name
@@ -323,7 +322,10 @@ def quantize_model(model: nn.Module, *, threshold: float = 6.0, skip=("lm_head",
             raise TypeError("quantize_model got an nn.Linear itself; use Linear8bitLt.from_linear(linear) instead")
         layer = converted.get(id(module))
         if layer is None:
-            layer = Linear8bitLt.from_linear(module, threshold=threshold)
+            try:
+                layer = Linear8bitLt.from_linear(module, threshold=threshold)
+            except ValueError as error:
+                raise ValueError(f"quantize_model: layer {name!r}: {error}") from None
             layer.layer_name = name
             layer.train(module.training)
             converted[id(module)] = layer
