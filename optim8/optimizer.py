@@ -26,6 +26,7 @@ from itertools import chain
 
 import torch
 
+from .distributed import checkpoint_state_dict, local_tensor, restore_state
 from .kernels.adam import STATE_BLOCKSIZES
 from .kernels.quant_map import zero_code
 
@@ -136,7 +137,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         state["step"] = 0
-        if self._wants_8bit(p, group):
+        wants_8bit = self._wants_8bit(p, group)  # by the global size, so every rank decides alike
+        p = local_tensor(p)  # a DTensor (FSDP2) parameter: state covers this rank's shard only
+        if wants_8bit:
             nb = (p.numel() + group["blocksize"] - 1) // group["blocksize"]
             state["exp_avg"] = torch.full(p.shape, zero_code(True), dtype=torch.uint8, device=p.device)
             state["exp_avg_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
@@ -151,6 +154,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Bytes of optimizer state held now (moments and absmax; the step counters not counted)."""
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
+    def state_dict(self) -> dict:
+        # DTensor (FSDP2) parameters: shard-shaped state as DTensors for torch.distributed.checkpoint
+        return checkpoint_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -163,14 +170,16 @@ class Optimizer8bit(torch.optim.Optimizer):
                 continue
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             restored = {}
-            for key, value in saved[pid].items():
+            # restore_state: DTensor state of an FSDP2 parameter -> this rank's local shard
+            for key, value in restore_state(p, saved[pid], blocksize=group.get("blocksize", self.defaults["blocksize"])).items():
                 if isinstance(value, torch.Tensor):
-                    value = value.to(device=p.device, copy=True)
+                    value = value.to(device=local_tensor(p).device, copy=True)
                 restored[key] = value
             self._check_loaded_state(p, group, restored)
             self.state[p] = restored
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        p = local_tensor(p)
         step = state.get("step")
         if isinstance(step, torch.Tensor):  # a state dict written by torch.optim.Adam(W)
             state["step"] = int(step.item())
@@ -227,7 +236,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     state = self._init_state(p, group)
                 state["step"] += 1
                 key = (p.device, p.dtype, "exp_avg_absmax" in state, state["step"])
-                batches.setdefault(key, []).append((p, g, state))
+                batches.setdefault(key, []).append((local_tensor(p), local_tensor(g), state))
             for (_, _, state8, step), batch in batches.items():
                 self._update_batch(group, batch, state8=state8, step=step)
         return loss
