@@ -92,6 +92,23 @@ def test_import_is_lazy_and_registers_when_transformers_and_peft_load():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_import_works_without_transformers_and_peft():
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = sys.modules['peft'] = None  # as if not installed\n"
+        "import optim8\n"
+        "assert callable(optim8.prepare_for_lora)\n"
+        "try:\n"
+        "    optim8.Int8Config\n"
+        "except ImportError as error:\n"
+        "    assert \"pip install 'optim8[hf]'\" in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('Int8Config without transformers')\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_load_quantizes_every_linear_but_the_skipped_ones(saved):
     name, reference, path, auto, ids = saved
     model = auto.from_pretrained(path, quantization_config=optim8.Int8Config(threshold=5.0))
@@ -218,6 +235,17 @@ def test_bad_configs_are_refused(saved):
         optim8.Int8Config(skip_modules="lm_head")
     with pytest.raises(ValueError, match="found no nn.Linear"):
         auto.from_pretrained(path, quantization_config=optim8.Int8Config(skip_modules=[".*"]))
+
+
+def test_non_finite_checkpoint_weight_fails_the_load(tmp_path):
+    torch.manual_seed(0)
+    model = llama_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[7, 3] = float("nan")
+    model.save_pretrained(tmp_path)
+    # transformers collects the quantizer's error and raises after its load report
+    with pytest.raises(RuntimeError, match="conversion of the weights"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=optim8.Int8Config())
 
 
 @pytest.mark.cuda

@@ -5,6 +5,8 @@ optim8.Int8Config, given LoRA adapters and trained 6 steps with a checkpoint at 
 run loads the step-3 checkpoint into fresh objects and must end bit-identical to the first.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -131,6 +133,20 @@ def test_trainer_refuses_an_int8_model_without_adapters(int8_dir, tmp_path):
         transformers.Trainer(model=model, args=args, train_dataset=dataset())
 
 
+@pytest.fixture
+def restore_determinism():
+    """full_determinism=True switches global torch/cuDNN/env settings on; undo them after the test."""
+    environment = dict(os.environ)
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.use_deterministic_algorithms(algorithms)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
 @pytest.mark.cuda
-def test_cuda_trainer_resume_gives_the_uninterrupted_result(int8_dir, tmp_path):
+def test_cuda_trainer_resume_gives_the_uninterrupted_result(int8_dir, tmp_path, restore_determinism):
+    # GPU attention backward may use atomics: Trainer's full_determinism makes both runs repeatable.
     check_resume(int8_dir, tmp_path, device="cuda", dtype=torch.bfloat16)
