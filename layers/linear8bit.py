@@ -173,8 +173,9 @@ class Linear8bitLt(nn.Linear):
                 f"{self._describe()} holds its weight on {self.weight.device} but got input on {x.device}; "
                 "move the model or the input"
             )
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
         out = int8_linear(x.reshape(-1, self.in_features), self.weight, self.SCB, self.bias, threshold=self.threshold)
         return out.reshape(*x.shape[:-1], self.out_features)
 

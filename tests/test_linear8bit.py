@@ -344,3 +344,12 @@ def test_wrong_state_dict_shape_names_the_layer():
     del int8_state["SCB"]
     with pytest.raises(RuntimeError, match="no SCB"):
         Linear8bitLt(16, 8).load_state_dict(int8_state)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    layer = Linear8bitLt.from_linear(linear(64, 32))
+    x = torch.randn(40, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, layer(x.to(torch.bfloat16)))

@@ -1,0 +1,319 @@
+"""The int8 kernels: references against brute force (CPU), custom-op registration, CUDA against the reference.
+
+CUDA tests run the PyTorch reference on the same CUDA tensors, so the int8 codes, row scales,
+outlier columns and dequantized weights must match bit for bit, and the fused epilogue (the
+same fp32 operations in the same order, no FMA contraction) within one rounding of the dtype.
+The decode GEMV sums in another order than the reference; its bound is one rounding of the
+output dtype plus fp32 accumulation error (1e-5 of sum |x| |W|).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from optim8 import Linear8bitLt, quantize_model
+from optim8.kernels import int8
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+# ------------------------------------------------------------------------- references (CPU)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_rowwise_against_float64(dtype):
+    w = (torch.randn(37, 4097) * torch.rand(37, 1) * 3).to(dtype)
+    q, scb = int8.quantize_rowwise(w)
+    wd = w.double()
+    absmax = wd.abs().amax(dim=1, keepdim=True)
+    assert torch.equal(scb, (absmax.squeeze(1).float() / 127))
+    exact = wd * 127 / absmax
+    # the kernel multiplies by the fp32 inverse; only near-ties may round the other way
+    differs = q.double() != exact.round()
+    assert (exact[differs].frac().abs() - 0.5).abs().max().item() < 1e-4 if differs.any() else True
+    assert (q.double() - exact).abs().max() <= 0.5 + 1e-4
+    assert q.abs().max() == 127
+
+
+def test_quantize_rowwise_zero_row_and_empty():
+    w = torch.randn(4, 10)
+    w[2] = 0
+    q, scb = int8.quantize_rowwise(w)
+    assert scb[2] == 0 and torch.all(q[2] == 0)
+    assert torch.all(int8.dequantize_rowwise(q, scb)[2] == 0)
+    q, scb = int8.quantize_rowwise(torch.randn(0, 5))
+    assert q.shape == (0, 5) and scb.shape == (0,)
+
+
+def test_quantize_rowwise_refuses_non_finite():
+    w = torch.randn(3, 8)
+    w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        int8.quantize_rowwise(w)
+
+
+def test_quantize_activations_semantics():
+    x = torch.randn(40, 300)
+    x[7, 11] = 9.0  # column 11 becomes an outlier column for every row
+    x[:, 200] *= 30
+    xq, row_scale, outlier = int8.quantize_activations(x, threshold=6.0)
+    expected_cols = (x.abs() >= 6.0).any(dim=0)
+    assert torch.equal(outlier, expected_cols) and outlier[11] and outlier[200]
+    assert torch.all(xq[:, outlier] == 0)
+    kept = x.masked_fill(outlier, 0)
+    assert torch.equal(row_scale, kept.abs().amax(dim=1) / 127)
+    err = (xq.float() * row_scale[:, None] - kept).abs()
+    assert torch.all(err <= row_scale[:, None] * 0.5001)
+    _, _, none = int8.quantize_activations(x, threshold=0.0)
+    assert not none.any()
+
+
+def test_non_finite_activations_stay_in_their_row():
+    layer = Linear8bitLt.from_linear(nn.Linear(64, 32))
+    x = torch.randn(40, 64)
+    x[3, 5] = float("nan")
+    out = layer(x)
+    assert out[3].isnan().all()
+    assert torch.isfinite(out[torch.arange(40) != 3]).all()
+
+
+def test_exact_int32_fallback(monkeypatch):
+    """Where no int8 GEMM takes the shape, fp32 products over chunks of 1024 columns stay exact."""
+    a = torch.randint(-127, 128, (20, 3001), dtype=torch.int8)
+    b = torch.randint(-127, 128, (9, 3001), dtype=torch.int8)
+    expected = (a.double() @ b.double().t()).to(torch.int32)
+    assert torch.equal(int8._int_mm_exact(a, b), expected)
+
+    def no_int_mm(*args):
+        raise RuntimeError("no int8 GEMM here")
+
+    monkeypatch.setattr(torch, "_int_mm", no_int_mm)
+    assert torch.equal(int8._int_mm_exact(a, b), expected)
+    a.fill_(127)
+    b.fill_(-127)
+    assert torch.equal(int8._int_mm_exact(a, b), torch.full((20, 9), -127 * 127 * 3001, dtype=torch.int32))
+
+
+def test_decode_and_mixed_paths_meet_at_16_tokens():
+    w = torch.randn(50, 128)
+    q, scb = int8.quantize_rowwise(w)
+    x = torch.randn(17, 128)
+    exact = x.double() @ (q.double() * scb.double()[:, None]).t()
+    decode = int8.int8_linear(x[:16], q, scb)  # weight-only
+    mixed = int8.int8_linear(x, q, scb)  # activations in int8 too
+    assert ((decode.double() - exact[:16]).norm() / exact[:16].norm()) < 1e-6
+    assert 1e-4 < ((mixed.double() - exact).norm() / exact.norm()) < 1.5e-2
+
+
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("_int8_linear_op", lambda: (torch.randn(20, 33), *int8.quantize_rowwise(torch.randn(17, 33)), torch.randn(17), 1.0)),
+        ("_int8_linear_op", lambda: (torch.randn(5, 33), *int8.quantize_rowwise(torch.randn(17, 33)), None, 6.0)),
+        ("_quantize_activations_op", lambda: (torch.randn(9, 31) * 5, 3.0)),
+        ("_dequantize_op", lambda: (*int8.quantize_rowwise(torch.randn(7, 9)), torch.bfloat16)),
+        ("_quantize_rowwise_op", lambda: (torch.randn(7, 9),)),
+        ("_grad_input_op", lambda: (torch.randn(20, 17), *int8.quantize_rowwise(torch.randn(17, 33)))),
+    ],
+)
+def test_custom_op_registration(op, args):
+    """Schema, fake (meta) implementation, autograd registration and AOT tracing of every op."""
+    torch.library.opcheck(getattr(int8, op), args())
+
+
+def test_meta_tensors():
+    x = torch.empty(5, 40, 64, device="meta")
+    layer = quantize_model(nn.Sequential(nn.Linear(64, 48, device="meta")), skip=())[0]
+    assert layer.is_quantized
+    out = layer(x)
+    assert out.is_meta and out.shape == (5, 40, 48)
+
+
+# ------------------------------------------------------------------------- CUDA against the reference
+
+cuda = pytest.mark.cuda
+SHAPES = [(1, 1), (3, 4097), (17, 64), (257, 1000), (2048, 4096)]
+
+
+def cuda_inputs(m, k, dtype, outliers=True):
+    x = torch.randn(m, k, device="cuda")
+    if outliers and k > 8:
+        x[:, torch.randperm(k, device="cuda")[: max(1, k // 250)]] *= 25
+    return x.to(dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_cuda_quantize_activations_is_exact(dtype, shape, threshold):
+    x = cuda_inputs(*shape, dtype)
+    got = int8.quantize_activations(x, threshold=threshold)
+    expected = int8.quantize_activations_reference(x, threshold)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (33, 4097), (4096, 14336)])
+def test_cuda_dequantize_is_exact(dtype, shape):
+    q, scb = int8.quantize_rowwise(torch.randn(*shape, device="cuda"))
+    assert torch.equal(int8.dequantize_rowwise(q, scb, dtype=dtype), int8.dequantize_rowwise_reference(q, scb, dtype))
+
+
+@cuda
+def test_cuda_weight_quantization_matches_cpu():
+    w = torch.randn(1000, 4097)
+    q_cpu, scb_cpu = int8.quantize_rowwise(w)
+    q, scb = int8.quantize_rowwise(w.cuda())
+    assert torch.equal(q.cpu(), q_cpu) and torch.equal(scb.cpu(), scb_cpu)
+
+
+def _within_rounding(got, expected, dtype):
+    scale = expected.float().abs().amax().clamp_min(1e-30)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 * eps(dtype), atol=2 * eps(dtype) * scale.item())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(17, 64, 8), (33, 4097, 1000), (300, 1000, 33), (2048, 4096, 4096), (100, 64, 1)])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_mixed_forward_matches_reference(dtype, mkn, threshold, bias):
+    m, k, n = mkn
+    x = cuda_inputs(m, k, dtype)
+    q, scb = int8.quantize_rowwise(torch.randn(n, k, device="cuda"))
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    got = int8.int8_linear(x, q, scb, b, threshold=threshold)
+    expected = int8.int8_linear_reference(x, q, scb, b, threshold)
+    assert got.dtype == dtype and got.shape == (m, n)
+    _within_rounding(got, expected, dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("kn", [(4096, 14336), (14336, 4096), (4097, 33), (24, 1000), (1, 7)])
+def test_cuda_decode_gemv(dtype, m, kn):
+    k, n = kn
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    q, scb = int8.quantize_rowwise(torch.randn(n, k, device="cuda"))
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    got = int8.int8_linear(x, q, scb, bias)
+    w = q.double() * scb.double()[:, None]
+    exact = x.double() @ w.t() + bias.double()
+    magnitude = x.double().abs() @ w.abs().t()
+    err = (got.double() - exact).abs()
+    assert torch.all(err <= eps(dtype) * exact.abs() + 1e-5 * magnitude + 1e-30), err.max()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [4, 300])
+def test_cuda_grad_input_is_exact(dtype, m):
+    q, scb = int8.quantize_rowwise(torch.randn(1000, 4097, device="cuda"))
+    grad = torch.randn(m, 1000, device="cuda", dtype=dtype)
+    got = int8.int8_linear_grad_input(grad, q, scb)
+    assert torch.equal(got, grad @ int8.dequantize_rowwise_reference(q, scb, dtype))
+
+
+# ------------------------------------------------------------------------- CUDA layer behaviour
+
+
+@cuda
+def test_first_cuda_move_quantizes_once():
+    ref = nn.Linear(300, 200)
+    expected = Linear8bitLt.from_linear(ref)
+    layer = Linear8bitLt(300, 200)
+    layer.load_state_dict(ref.state_dict())  # quantizes on CPU...
+    fresh = Linear8bitLt(300, 200)
+    with torch.no_grad():
+        fresh.weight.copy_(ref.weight)
+        fresh.bias.copy_(ref.bias)
+    assert not fresh.is_quantized
+    fresh.to("cuda", torch.float16)  # ...or on its first way to the GPU, from the fp32 weight
+    assert fresh.is_quantized and fresh.compute_dtype == torch.float16 and fresh.bias.dtype == torch.float16
+    assert torch.equal(fresh.weight.cpu(), expected.weight) and torch.equal(fresh.SCB.cpu(), expected.SCB)
+    ptr = fresh.weight.data_ptr()
+    fresh.cuda().to(torch.bfloat16).to("cuda")
+    assert fresh.weight.data_ptr() == ptr and fresh.SCB.dtype == torch.float32
+    assert torch.equal(layer.cuda().weight, fresh.weight)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_layer_matches_cpu_layer(dtype):
+    ref = nn.Linear(1024, 768)
+    cpu = Linear8bitLt.from_linear(ref).to(dtype)
+    gpu = Linear8bitLt.from_linear(ref).to(dtype).cuda()
+    for m in (1, 16, 17, 512):
+        x = torch.randn(2, m, 1024).to(dtype)
+        expected, got = cpu(x), gpu(x.cuda()).cpu()
+        assert got.dtype == dtype
+        # CPU and GPU matmuls sum in other orders: compare at the level of the dtype's rounding
+        rel = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert rel <= 4 * eps(dtype) + 1e-5, (m, rel)
+
+
+@cuda
+def test_cuda_backward_and_state_dict_across_devices():
+    layer = Linear8bitLt.from_linear(nn.Linear(512, 256)).to(torch.bfloat16).cuda()
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.bias.grad is not None and layer.weight.grad is None
+    fresh = Linear8bitLt(512, 256)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.weight, layer.weight.cpu()) and torch.equal(fresh.SCB, layer.SCB.cpu())
+    back = Linear8bitLt(512, 256, device="cuda")
+    back.load_state_dict(fresh.state_dict())
+    assert torch.equal(back.weight, layer.weight)
+
+
+@cuda
+def test_meta_model_to_empty_cuda_then_load():
+    torch.manual_seed(0)
+    real = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    quantize_model(model, skip=())
+    model.to_empty(device="cuda")
+    model.load_state_dict(real.state_dict())
+    expected = quantize_model(real, skip=()).cuda()
+    x = torch.randn(40, 256, device="cuda")
+    assert torch.equal(model(x), expected(x))
+
+
+@cuda
+def test_quantized_model_holds_half_the_fp16_weight_bytes():
+    torch.cuda.empty_cache()
+
+    def build():
+        return nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(8)]).half().cuda()
+
+    before = torch.cuda.memory_allocated()
+    fp16 = build()
+    fp16_bytes = torch.cuda.memory_allocated() - before
+    del fp16
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    model = quantize_model(build(), skip=())
+    int8_bytes = torch.cuda.memory_allocated() - before
+    assert all(isinstance(m, Linear8bitLt) for m in model)
+    # int8 codes + one fp32 scale per row: 0.5 + 2 / 2048 of fp16
+    assert 0.49 <= int8_bytes / fp16_bytes <= 0.51, int8_bytes / fp16_bytes
+
+
+@cuda
+def test_cuda_torch_compile():
+    layer = Linear8bitLt.from_linear(nn.Linear(256, 128)).half().cuda()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    assert torch.equal(out, layer(x))
+    out.float().sum().backward()
+    assert x.grad is not None
