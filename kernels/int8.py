@@ -19,18 +19,22 @@ Forward, ``int8_linear(x[M, K], q, SCB, bias, threshold)`` computes ``x @ W^T + 
   bytes of fp16).
 * M > 16: the LLM.int8() mixed decomposition.
 
-      outlier[k]  = threshold > 0 and any_m |x[m, k]| >= threshold
+      flagged[k]  = threshold > 0 and any_m |x[m, k]| >= threshold
+      outlier     = the first OUTLIER_CAP (256) flagged columns, in column order
       amax_m      = max_{k not outlier} |x[m, k]|            # fp32, NaN propagates
       xq[m, k]    = 0 if outlier[k] else rint(x[m, k] * (127 / amax_m))   # int8
       row_scale_m = amax_m / 127
       acc         = xq @ q^T                                # exact int32
       out         = acc * (row_scale_m * SCB_n)             # fp32
-                    + x[:, outlier] @ (q[:, outlier] * SCB)^T   # in x's dtype
+                    + (x[:, outlier] @ q[:, outlier]^T) * SCB_n   # fp32
                     + bias                                  # fp32, then one rounding to x's dtype
 
   The outlier columns (few: activations of large models have a handful of feature
-  dimensions far above the rest) keep their precision; quantizing them would flatten
-  every other value of their rows to zero.
+  dimensions far above the rest) keep their precision, in fp32; quantizing them would
+  flatten every other value of their rows to zero. Flagged columns beyond the cap (a
+  threshold far too low for the data) go through the int8 path like the rest: less
+  precise, never wrong. The cap lets the CUDA path find the columns on the device, so the
+  forward never waits for the host (and can be captured in a CUDA graph).
 
 Backward (straight-through): ``grad_x = grad_out @ dequantize_rowwise(q, SCB, grad.dtype)``,
 the dequantized weight is a temporary of the backward call only.
@@ -43,6 +47,7 @@ models and ``torch.compile`` work.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -60,14 +65,16 @@ __all__ = [
 ]
 
 DECODE_TOKENS = 16
+OUTLIER_CAP = 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
 _GEMV_MT = (1, 2, 4, 8, 16)
-_GEMV_R = 4
+_GEMV_R = (2, 4)  # output rows per warp: 4 for wide layers, 2 to give narrow ones enough CTAs
 _NAMES = _cupy.register(
     "int8.cu",
     tuple(f"{k}<{c}>" for k in ("outlier_columns", "quantize_rows", "int8_epilogue", "dequantize_rows") for c in _CTYPE.values())
-    + tuple(f"gemv_int8<{c},{mt},{_GEMV_R}>" for c in _CTYPE.values() for mt in _GEMV_MT),
+    + ("select_outliers", "gather_outlier_weights")
+    + tuple(f"gemv_int8<{c},{mt},{r}>" for c in _CTYPE.values() for mt in _GEMV_MT for r in _GEMV_R),
 )
 # Rows of W quantized per step: bounds the fp32 temporary of a weight quantization to ~64 MiB.
 _QUANT_CHUNK_ELEMENTS = 1 << 24
@@ -98,10 +105,10 @@ def dequantize_rowwise_reference(q: torch.Tensor, scb: torch.Tensor, dtype: torc
 def quantize_activations_reference(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(xq int8 [M, K], row_scale fp32 [M], outlier bool [K])`` of a 2-D float ``x``; see the module docstring."""
     xf = x.float()
+    outlier = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     if threshold > 0 and x.shape[0] > 0:
-        outlier = (xf.abs() >= threshold).any(dim=0)
-    else:
-        outlier = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+        flagged = (xf.abs() >= threshold).any(dim=0)
+        outlier[flagged.nonzero().flatten()[:OUTLIER_CAP]] = True
     kept = xf.masked_fill(outlier[None, :], 0.0)
     # amax propagates NaN like the kernel's nanmax; an empty row (K == 0) has amax 0.
     amax = kept.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
@@ -141,25 +148,26 @@ def int8_linear_reference(
     out = acc.float() * (row_scale[:, None] * scb[None, :])
     cols = outlier.nonzero().flatten()
     if cols.numel():
-        out = out + _outlier_part(x, q, scb, cols).float()
+        out = out + (x[:, cols].float() @ q[:, cols].float().t()) * scb
     if bias32 is not None:
         out = out + bias32
     return out.to(x.dtype)
 
 
-def _outlier_part(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``x[:, cols] @ (q[:, cols] * SCB)^T`` in x's dtype (the float half of the decomposition)."""
-    w_cols = dequantize_rowwise_reference(q[:, cols], scb, x.dtype)
-    return x[:, cols] @ w_cols.t()
-
-
 # ----------------------------------------------------------------------------- CUDA paths
+
+
+_functions: dict[tuple[str, int], object] = {}
 
 
 def _launch(kernel: str, grid, block, args, device: torch.device) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _cupy.function("int8.cu", kernel, index, _NAMES)
-    _cupy.launch(fn, grid, block, args, device)
+    # Memoized here as well: _cupy.function hashes the whole source at every call, which
+    # costs more than a launch on these per-token-count hot paths.
+    fn = _functions.get((kernel, index))
+    if fn is None:
+        fn = _functions[(kernel, index)] = _cupy.function("int8.cu", kernel, index, _NAMES)
+    _cupy.launch(fn, grid, block, args, torch.device("cuda", index))
 
 
 def _null_or_ptr(t: Optional[torch.Tensor]) -> np.uint64:
@@ -167,31 +175,35 @@ def _null_or_ptr(t: Optional[torch.Tensor]) -> np.uint64:
 
 
 def _quantize_activations_cuda(x: torch.Tensor, threshold: float, k_padded: int):
+    """CUDA half of the activation side: ``(xq [M, k_padded], row_scale, outliers)``.
+
+    ``outliers`` is None at threshold 0, else ``(slots [K] int32: slot or -1, cols [cap],
+    count [1], xo [M, cap] fp32)``, all on the device: nothing here waits for the host.
+    """
     m, k = x.shape
     ctype = _CTYPE[x.dtype]
     xq = torch.empty((m, k_padded), dtype=torch.int8, device=x.device)
     row_scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    flags = None
+    outliers = None
+    cap = min(OUTLIER_CAP, max(k, 1))
     if threshold > 0 and m and k:
-        flags = torch.zeros(k, dtype=torch.int32, device=x.device)
+        slots = torch.zeros(k, dtype=torch.int32, device=x.device)
+        cols = torch.empty(cap, dtype=torch.int32, device=x.device)
+        count = torch.empty(1, dtype=torch.int32, device=x.device)
+        xo = torch.empty((m, cap), dtype=torch.float32, device=x.device)
         rows = 64
         grid = ((k + 255) // 256, (m + rows - 1) // rows)
-        _launch(
-            f"outlier_columns<{ctype}>",
-            grid,
-            256,
-            (_cupy.ptr(x), _cupy.ptr(flags), np.int64(m), np.int32(k), np.float32(threshold), np.int32(rows)),
-            x.device,
-        )
+        args = (_cupy.ptr(x), _cupy.ptr(slots), np.int64(m), np.int32(k), np.float32(threshold), np.int32(rows))
+        _launch(f"outlier_columns<{ctype}>", grid, 256, args, x.device)
+        args = (_cupy.ptr(slots), _cupy.ptr(cols), _cupy.ptr(count), np.int32(k), np.int32(cap))
+        _launch("select_outliers", 1, 1024, args, x.device)
+        outliers = (slots, cols, count, xo)
     if m:
-        _launch(
-            f"quantize_rows<{ctype}>",
-            m,
-            256,
-            (_cupy.ptr(x), _null_or_ptr(flags), _cupy.ptr(xq), _cupy.ptr(row_scale), np.int32(k), np.int32(k_padded)),
-            x.device,
-        )
-    return xq, row_scale, flags
+        slots_ptr = _cupy.ptr(outliers[0]) if outliers else np.uint64(0)
+        xo_ptr = _cupy.ptr(outliers[3]) if outliers else np.uint64(0)
+        args = (_cupy.ptr(x), slots_ptr, _cupy.ptr(xq), _cupy.ptr(row_scale), xo_ptr, np.int32(k), np.int32(k_padded), np.int32(cap))
+        _launch(f"quantize_rows<{ctype}>", m, 256, args, x.device)
+    return xq, row_scale, outliers
 
 
 def _grid_1d(total: int, block: int = 256) -> int:
@@ -220,10 +232,12 @@ def _gemv_cuda(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias32: Opti
     n = q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     mt = next(t for t in _GEMV_MT if t >= m)
-    rows_per_cta = 8 * _GEMV_R
+    # 8 warps a CTA; at least two CTAs per SM keep enough weight loads in flight.
+    r = 4 if (n + 31) // 32 >= 2 * _sm_count(x.device) else 2
+    rows_per_cta = 8 * r
     vec = int(k % 16 == 0 and q.data_ptr() % 16 == 0)
     _launch(
-        f"gemv_int8<{_CTYPE[x.dtype]},{mt},{_GEMV_R}>",
+        f"gemv_int8<{_CTYPE[x.dtype]},{mt},{r}>",
         (n + rows_per_cta - 1) // rows_per_cta,
         256,
         (
@@ -242,6 +256,15 @@ def _gemv_cuda(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias32: Opti
     return out
 
 
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _round_up(v: int, to: int) -> int:
     return (v + to - 1) // to * to
 
@@ -258,37 +281,37 @@ def _int8_linear_cuda(x, q, scb, bias, threshold):
     # cuBLASLt's int8 GEMM (torch._int_mm) wants K and N multiples of 8; other shapes pad
     # with zero columns / rows, which add nothing to the int32 sums.
     kp, np_ = _round_up(max(k, 1), 8), _round_up(n, 8)
-    xq, row_scale, flags = _quantize_activations_cuda(x, threshold, kp)
+    xq, row_scale, outliers = _quantize_activations_cuda(x, threshold, kp)
     wq = q
     if kp != k or np_ != n:
         wq = torch.zeros((np_, kp), dtype=torch.int8, device=q.device)
         wq[:n, :k] = q
     acc = torch._int_mm(xq, wq.t())
-    outlier = None
-    if flags is not None:
-        # The one host sync of the forward: the outlier columns are data-dependent. It is
-        # placed after the GEMM is queued, so the GPU stays busy while the host waits.
-        cols = flags.nonzero().flatten()
-        if cols.numel():
-            outlier = _outlier_part(x, q, scb, cols).contiguous()
+    xo_ptr = qo_ptr = count_ptr = np.uint64(0)
+    cap = 0
+    if outliers is not None:
+        slots, cols, count, xo = outliers
+        cap = xo.shape[1]
+        qo = torch.empty((cap, n), dtype=torch.int8, device=x.device)
+        args = (_cupy.ptr(q), _cupy.ptr(cols), _cupy.ptr(count), _cupy.ptr(qo), np.int32(n), np.int32(k))
+        _launch("gather_outlier_weights", (n + 255) // 256, 256, args, x.device)
+        xo_ptr, qo_ptr, count_ptr = _cupy.ptr(xo), _cupy.ptr(qo), _cupy.ptr(count)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _launch(
-        f"int8_epilogue<{_CTYPE[x.dtype]}>",
-        _grid_1d(m * n),
-        256,
-        (
-            _cupy.ptr(acc),
-            np.int32(acc.shape[1]),
-            _cupy.ptr(row_scale),
-            _cupy.ptr(scb),
-            _null_or_ptr(outlier),
-            _null_or_ptr(bias32),
-            _cupy.ptr(out),
-            np.int64(m),
-            np.int32(n),
-        ),
-        x.device,
+    args = (
+        _cupy.ptr(acc),
+        np.int32(acc.stride(0)),
+        _cupy.ptr(row_scale),
+        _cupy.ptr(scb),
+        xo_ptr,
+        qo_ptr,
+        count_ptr,
+        np.int32(cap),
+        _null_or_ptr(bias32),
+        _cupy.ptr(out),
+        np.int64(m),
+        np.int32(n),
     )
+    _launch(f"int8_epilogue<{_CTYPE[x.dtype]}>", _grid_1d(m * n), 256, args, x.device)
     return out
 
 
@@ -337,8 +360,8 @@ def _(x, threshold):
 def _(x, threshold):
     x = x.contiguous()
     k = x.shape[1]
-    xq, row_scale, flags = _quantize_activations_cuda(x, threshold, k)
-    outlier = flags.bool() if flags is not None else torch.zeros(k, dtype=torch.bool, device=x.device)
+    xq, row_scale, outliers = _quantize_activations_cuda(x, threshold, k)
+    outlier = outliers[0] >= 0 if outliers is not None else torch.zeros(k, dtype=torch.bool, device=x.device)
     return xq, row_scale, outlier
 
 

@@ -4,9 +4,13 @@
 // reference computes the same sequence of fp32 operations.
 //
 //   outlier_columns   flags[k] = 1 where any |x[m, k]| >= threshold
+//   select_outliers   flags -> slots of the first `cap` outlier columns (device side: the
+//                     forward never waits on the host for the number of outlier columns)
 //   quantize_rows     per token row: absmax over the non-outlier columns, int8 codes
-//                     rint(x * 127 / absmax) (outlier columns -> 0), row scale absmax / 127
-//   int8_epilogue     out = acc * (row_scale[m] * SCB[n]) + outlier[m, n] + bias[n]
+//                     rint(x * 127 / absmax) (outlier columns -> 0), row scale absmax / 127,
+//                     and the outlier columns' values copied out in fp32
+//   gather_outlier_weights  the weight's outlier columns, transposed
+//   int8_epilogue     out = acc * (row_scale[m] * SCB[n]) + (x_out @ q_out^T)[m, n] * SCB[n] + bias[n]
 //   dequantize_rows   W[n, k] = q[n, k] * SCB[n], rounded once to the output dtype
 //   gemv_int8         decode path (<= 16 tokens): out = (x @ q^T) * SCB + bias, x read in
 //                     float, int8 weights dequantized in registers, fp32 accumulation
@@ -34,19 +38,73 @@ __global__ void outlier_columns(const T* __restrict__ x, int* __restrict__ flags
     if (found) flags[k] = 1;  // every writer stores the same value: no atomic needed
 }
 
-// One CTA (256 threads) per token row. flags may be null (threshold 0: no outliers).
+// One CTA of 1024 threads turns the 0/1 column flags into slots, in column order: the
+// first `cap` flagged columns get slots 0..cap-1 (cols[slot] = k), every other column -1;
+// count = number of slots used. Flagged columns past the cap stay in the int8 path.
+__global__ void select_outliers(int* __restrict__ flags, int* __restrict__ cols, int* __restrict__ count,
+                                const int K, const int cap) {
+    __shared__ int warp_total[32];
+    __shared__ int base;
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x == 0) base = 0;
+    __syncthreads();
+    for (int k0 = 0; k0 < K; k0 += 1024) {
+        const int k = k0 + threadIdx.x;
+        const int f = (k < K && flags[k] != 0) ? 1 : 0;
+        int v = f;  // inclusive scan within the warp
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int t = __shfl_up_sync(0xffffffffu, v, off);
+            if (lane >= off) v += t;
+        }
+        if (lane == 31) warp_total[warp] = v;
+        __syncthreads();
+        if (warp == 0) {
+            int w = warp_total[lane];
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const int t = __shfl_up_sync(0xffffffffu, w, off);
+                if (lane >= off) w += t;
+            }
+            warp_total[lane] = w;  // inclusive prefix over warps
+        }
+        __syncthreads();
+        const int slot = base + (warp > 0 ? warp_total[warp - 1] : 0) + v - f;
+        if (k < K) {
+            const bool kept = f && slot < cap;
+            flags[k] = kept ? slot : -1;
+            if (kept) cols[slot] = k;
+        }
+        const int total = warp_total[31];
+        __syncthreads();
+        if (threadIdx.x == 0) base += total;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) count[0] = base < cap ? base : cap;
+}
+
+// One CTA (256 threads) per token row. slots may be null (threshold 0: no outliers);
+// otherwise slots[k] >= 0 marks an outlier column, whose value goes to xo[m, slots[k]]
+// (fp32, the float half of the decomposition) and whose code is 0.
 // xq: [M, Kp] with Kp >= K (columns K..Kp-1 are written as 0: padding for the int8 GEMM).
 // A row holding NaN/Inf outside the outlier columns gets row_scale NaN/Inf and codes 0,
 // so its outputs are NaN, as in the reference.
 template <typename T>
-__global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ flags, i8* __restrict__ xq,
-                              float* __restrict__ row_scale, const int K, const int Kp) {
+__global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ slots, i8* __restrict__ xq,
+                              float* __restrict__ row_scale, float* __restrict__ xo, const int K, const int Kp,
+                              const int cap) {
     __shared__ float swarp[8];
     const i64 m = blockIdx.x;
     const T* row = x + m * K;
     float amax = 0.0f;
     for (int k = threadIdx.x; k < K; k += 256) {
-        if (flags == nullptr || flags[k] == 0) amax = nanmax(amax, fabsf(to_float(row[k])));
+        const float v = to_float(row[k]);
+        if (slots == nullptr || slots[k] < 0) {
+            amax = nanmax(amax, fabsf(v));
+        } else {
+            xo[m * cap + slots[k]] = v;
+        }
     }
     amax = group_nanmax<32>(amax);
     if (threadIdx.x % 32 == 0) swarp[threadIdx.x / 32] = amax;
@@ -59,24 +117,43 @@ __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ f
     i8* qrow = xq + m * Kp;
     for (int k = threadIdx.x; k < Kp; k += 256) {
         float v = 0.0f;
-        if (k < K && (flags == nullptr || flags[k] == 0)) v = __fmul_rn(to_float(row[k]), inv);
+        if (k < K && (slots == nullptr || slots[k] < 0)) v = __fmul_rn(to_float(row[k]), inv);
         v = fminf(fmaxf(rintf(v), -127.0f), 127.0f);
         qrow[k] = (i8)(int)v;
     }
     if (threadIdx.x == 0) row_scale[m] = __fdiv_rn(amax, 127.0f);
 }
 
-// acc: [M, ldacc] int32 (ldacc >= N); outlier: [M, N] in T or null; bias: [N] fp32 or null.
+// qo[j, n] = q[n, cols[j]] for j < count: the outlier columns of the weight, transposed so
+// that the epilogue reads them coalesced along n.
+__global__ void gather_outlier_weights(const i8* __restrict__ q, const int* __restrict__ cols,
+                                       const int* __restrict__ count, i8* __restrict__ qo, const int N, const int K) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const int c = count[0];
+    for (int j = 0; j < c; ++j) qo[(i64)j * N + n] = q[(i64)n * K + cols[j]];
+}
+
+// acc: [M, ldacc] int32 (ldacc >= N); bias: [N] fp32 or null. With count non-null, the
+// float half: osum = sum_{j < count} xo[m, j] * qo[j, n] (fp32, in slot order).
+// out = acc * (row_scale[m] * SCB[n]) + osum * SCB[n] + bias[n], rounded once to T.
 template <typename T>
 __global__ void int8_epilogue(const int* __restrict__ acc, const int ldacc, const float* __restrict__ row_scale,
-                              const float* __restrict__ scb, const T* __restrict__ outlier,
+                              const float* __restrict__ scb, const float* __restrict__ xo,
+                              const i8* __restrict__ qo, const int* __restrict__ count, const int cap,
                               const float* __restrict__ bias, T* __restrict__ out, const i64 M, const int N) {
     const i64 total = M * N;
+    const int c = count != nullptr ? count[0] : 0;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
         const i64 m = i / N;
         const int n = (int)(i - m * N);
-        float v = __fmul_rn((float)acc[m * ldacc + n], __fmul_rn(row_scale[m], scb[n]));
-        if (outlier != nullptr) v = __fadd_rn(v, to_float(outlier[i]));
+        const float s = scb[n];
+        float v = __fmul_rn((float)acc[m * ldacc + n], __fmul_rn(row_scale[m], s));
+        if (c > 0) {
+            float osum = 0.0f;
+            for (int j = 0; j < c; ++j) osum = __fadd_rn(osum, __fmul_rn(xo[m * cap + j], (float)qo[(i64)j * N + n]));
+            v = __fadd_rn(v, __fmul_rn(osum, s));
+        }
         if (bias != nullptr) v = __fadd_rn(v, bias[n]);
         out[i] = from_float<T>(v);
     }
