@@ -138,7 +138,7 @@ def adam_update_reference(
 
 
 def _step_reference(p, g, m, v, ma, va, s: AdamScalars, blocksize: int) -> None:
-    """Reference step of one tensor, in place (any device)."""
+    """Reference step of one tensor, in place (any device; the CUDA path's oracle)."""
     if ma is not None:
         m_f = dequantize_blockwise_reference(m, ma, blocksize, True, torch.float32)
         v_f = dequantize_blockwise_reference(v, va, blocksize, False, torch.float32)
@@ -156,6 +156,104 @@ def _step_reference(p, g, m, v, ma, va, s: AdamScalars, blocksize: int) -> None:
         m.copy_(m_new)
         v.copy_(v_new)
     p.copy_(p_new)  # one round-to-nearest-even to the parameter's dtype
+
+
+# ------------------------------------------------------------------ fast CPU path
+# The same function as _step_reference, computed chunk by chunk (temporaries stay in cache)
+# with an exact table-driven replacement for torch.bucketize (6x faster on a CPU).
+
+_CPU_CHUNK = 1 << 16  # elements; a multiple of every state blocksize
+
+
+@functools.cache
+def _encode_table(signed: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact ``bucketize(v, boundaries)`` by the top 16 bits of ``v``'s fp32 pattern.
+
+    Floats sharing their top 16 bits form a contiguous interval (a cell). ``table[cell]``
+    counts the boundaries below the cell's smallest value; the few boundaries inside a
+    cell (``extra``: at most 1 for the dynamic maps) are then counted by comparing against
+    ``mid_ext[c]`` (the boundaries plus a +inf sentinel).
+    """
+    mid = map_boundaries(signed)
+    keys = torch.arange(1 << 16, dtype=torch.int64) - (1 << 15)
+    a = (keys << 16).to(torch.int32).view(torch.float32)
+    b = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    table = torch.bucketize(lo, mid).to(torch.int32)
+    inside = torch.bucketize(hi, mid, right=True) - torch.bucketize(lo, mid)
+    extra = int(inside[finite].max())
+    mid_ext = torch.cat([mid, torch.tensor([float("inf")])])
+    return table, mid_ext, extra
+
+
+def _encode(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``torch.bucketize(x, map_boundaries(signed))`` as int32, for finite fp32 ``x`` on the CPU."""
+    table, mid_ext, extra = _encode_table(signed)
+    key = x.view(torch.int32) >> 16
+    key += 1 << 15
+    c = table[key]
+    for _ in range(extra):
+        c += mid_ext[c] < x
+    return c
+
+
+def _quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool) -> None:
+    """quantize_blockwise_reference(x) written into ``codes`` / ``absmax`` (1-D, CPU), bit for bit."""
+    n = x.numel()
+    full = n - n % blocksize
+    nbf = full // blocksize
+    scaled = torch.empty_like(x)
+    if full:
+        blocks = x[:full].view(nbf, blocksize)
+        absmax[:nbf] = blocks.abs().amax(dim=1)
+    if full < n:
+        absmax[nbf:] = x[full:].abs().amax()
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
+    if full:
+        torch.mul(blocks, inv[:nbf, None], out=scaled[:full].view(nbf, blocksize))
+    if full < n:
+        torch.mul(x[full:], inv[nbf:], out=scaled[full:])
+    finite = torch.isfinite(absmax)
+    all_finite = bool(finite.all())
+    if not all_finite:  # a non-finite block stores zero codes (its scaled values are NaN)
+        scaled.nan_to_num_(0.0, 0.0, 0.0)
+    codes.copy_(_encode(scaled, signed))
+    if not all_finite:
+        bad = (~finite).repeat_interleave(blocksize)[:n]
+        codes[bad] = zero_code(signed)
+
+
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool) -> torch.Tensor:
+    """dequantize_blockwise_reference for 1-D CPU ``codes``, bit for bit."""
+    n = codes.numel()
+    out = map_on(signed, codes.device)[codes.int()]
+    full = n - n % blocksize
+    if full:
+        out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    if full < n:
+        out[full:].mul_(absmax[-1])
+    return out
+
+
+def _step_cpu(p, g, m, v, ma, va, s: AdamScalars, blocksize: int) -> None:
+    pf, gf, mf, vf = p.view(-1), g.reshape(-1), m.view(-1), v.view(-1)
+    for start in range(0, pf.numel(), _CPU_CHUNK):
+        end = min(start + _CPU_CHUNK, pf.numel())
+        b0, b1 = start // blocksize, (end + blocksize - 1) // blocksize
+        if ma is not None:
+            m_f = _dequantize(mf[start:end], ma[b0:b1], blocksize, True)
+            v_f = _dequantize(vf[start:end], va[b0:b1], blocksize, False)
+        else:
+            m_f, v_f = mf[start:end], vf[start:end]
+        p_new, m_new, v_new = adam_update_reference(pf[start:end].float(), gf[start:end].float(), m_f, v_f, s)
+        if ma is not None:
+            _quantize_into(m_new, mf[start:end], ma[b0:b1], blocksize, True)
+            _quantize_into(v_new, vf[start:end], va[b0:b1], blocksize, False)
+        else:
+            mf[start:end].copy_(m_new)
+            vf[start:end].copy_(v_new)
+        pf[start:end].copy_(p_new)
 
 
 def adam_step(
@@ -196,7 +294,11 @@ def adam_step(
         exp_avgs, exp_avg_sqs = pick(exp_avgs, rest), pick(exp_avg_sqs, rest)
         exp_avg_absmax, exp_avg_sq_absmax = pick(exp_avg_absmax, rest), pick(exp_avg_sq_absmax, rest)
     for i, p in enumerate(params):
-        _step_reference(
+        if p.device.type == "cpu" and p.is_contiguous():
+            step = _step_cpu
+        else:
+            step = _step_reference
+        step(
             p, grads[i], exp_avgs[i], exp_avg_sqs[i],
             exp_avg_absmax[i] if state8 else None, exp_avg_sq_absmax[i] if state8 else None,
             scalars, blocksize,

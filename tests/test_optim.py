@@ -365,3 +365,58 @@ def test_cpu_step_speed_is_reasonable():
         timings[cls.__name__] = (time.perf_counter() - t) / 3
     assert timings["AdamW8bit"] < max(20 * timings["AdamW"], 0.05), timings
     assert math.isfinite(p.sum().item())
+
+
+# ------------------------------------------------------------------ the fast CPU path is the reference
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_cpu_quantizer_equals_reference(signed, blocksize):
+    from optim8.kernels import adam as A
+    from optim8.kernels.blockwise import quantize_blockwise_reference
+
+    n = 70_001
+    x = torch.randn(n) * torch.exp(torch.randn(n) * 4)
+    x = x if signed else x.abs()
+    x[:blocksize] = 0.0  # an all-zero block
+    x[blocksize + 1] = -0.0
+    x[3 * blocksize + 5] = float("nan")
+    x[5 * blocksize] = float("inf")
+    x[-3:] = torch.tensor([1e-30, 3e38, 1e-45])  # ragged tail with extremes
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty((n + blocksize - 1) // blocksize)
+    A._quantize_into(x, codes, absmax, blocksize, signed)
+    ref_codes, ref_absmax = quantize_blockwise_reference(x, blocksize, signed)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(absmax.nan_to_num(), ref_absmax.nan_to_num()) and torch.equal(absmax.isnan(), ref_absmax.isnan())
+    # every finite fp32 pattern of a 16-bit cell boundary region: the table encoder is exact
+    probe = torch.linspace(-1.01, 1.01, 200_001)
+    assert torch.equal(A._encode(probe, signed).long(), torch.bucketize(probe, A.map_boundaries(signed)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state8", [True, False])
+def test_chunked_cpu_step_equals_reference(state8, dtype):
+    from optim8.kernels import adam as A
+
+    n = 3 * A._CPU_CHUNK + 1001  # several chunks and a ragged last block
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(n, generator=gen).to(dtype)
+    g = torch.randn(n, generator=gen).to(dtype)
+    g[77] = float("nan")
+    if state8:
+        m, ma = quantize_blockwise(torch.randn(n, generator=gen) * 1e-2, signed=True)
+        v, va = quantize_blockwise(torch.rand(n, generator=gen) * 1e-4, signed=False)
+    else:
+        m, v = torch.randn(n, generator=gen) * 1e-2, torch.rand(n, generator=gen) * 1e-4
+        ma = va = None
+    s = adam_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=7, decoupled=True)
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    a = [p0.clone(), g, clone(m), clone(v), clone(ma), clone(va)]
+    b = [p0.clone(), g, clone(m), clone(v), clone(ma), clone(va)]
+    A._step_cpu(*a, s, 256)
+    A._step_reference(*b, s, 256)
+    assert torch.equal(a[0], b[0]) and a[0][77] == p0[77]  # the NaN-gradient element is untouched
+    for x, y in zip(a[2:], b[2:]):
+        assert (x is None and y is None) or torch.equal(x, y)
