@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from . import _cupy
-from .blockwise import dequantize_blockwise_reference, num_blocks, quantize_blockwise_reference
+from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 from .quant_map import map_boundaries, map_on, zero_code
 
 __all__ = ["AdamScalars", "adam_scalars", "adam_update_reference", "adam_step", "STATE_BLOCKSIZES"]
@@ -307,7 +307,8 @@ def adam_step(
 
 # ---------------------------------------------------------------------------- CUDA
 
-_ROW = 8  # int64 entries per tensor in the launch table: p, g, m, v, m_absmax, v_absmax, n, aligned
+_ZERO_SIGNED, _ZERO_UNSIGNED = zero_code(True), zero_code(False)
+# The launch table: 8 int64 per tensor (p, g, m, v, m_absmax, v_absmax, n, aligned), then chunk prefix sums.
 _CHUNK = 256  # elements per warp iteration: 32 lanes x 8
 _tables: dict[tuple, torch.Tensor] = {}
 _TABLE_CACHE_SIZE = 32
@@ -384,8 +385,8 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
         _cupy.ptr(map_on(False, device)),
         _cupy.ptr(map_boundaries(True, device)),
         _cupy.ptr(map_boundaries(False, device)),
-        np.int32(zero_code(True)),
-        np.int32(zero_code(False)),
+        np.int32(_ZERO_SIGNED),
+        np.int32(_ZERO_UNSIGNED),
         np.float32(s.beta1),
         np.float32(s.one_minus_beta1),
         np.float32(s.beta2),
@@ -398,7 +399,3 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
     )
     _cupy.launch(fn, grid, 256, args, device)
 
-
-def state_blocks(numel: int, blocksize: int) -> int:
-    """Number of absmax entries of a tensor of ``numel`` elements."""
-    return num_blocks(numel, blocksize)

@@ -165,10 +165,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         # back with their own dtype, copied (never aliased) onto the parameter's device.
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, p in zip(saved_ids, params):
             if pid not in saved:
                 continue
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            group = group_of[id(p)]
             restored = {}
             # restore_state: DTensor state of an FSDP2 parameter -> this rank's local shard
             for key, value in restore_state(p, saved[pid], blocksize=group.get("blocksize", self.defaults["blocksize"])).items():
