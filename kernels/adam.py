@@ -37,8 +37,10 @@ On CUDA one kernel launch (``cuda/adam.cu``) updates all of them in a single pas
 memory; elsewhere the reference runs tensor by tensor. It is a thin dispatcher rather
 than a ``torch.library`` custom op: the call carries six lists of up to hundreds of
 tensors, and an optimizer step is never traced by ``torch.compile`` in the eager loop
-this library targets; the custom op's per-tensor argument checking would cost more than
-the kernel on small models.
+this library targets; and a custom op's argument handling is not free: measured on a
+CPU, an empty ``torch.library.custom_op`` taking four lists of 201 tensors (the TinyLlama
+set) costs about 2 ms per call, against well under a microsecond for this dispatch and
+a 5.9 ms bandwidth floor for the whole step on an H100.
 """
 
 from __future__ import annotations
