@@ -201,14 +201,25 @@ def _quantize_activations_cuda(x: torch.Tensor, threshold: float, k_padded: int)
     if m:
         slots_ptr = _cupy.ptr(outliers[0]) if outliers else np.uint64(0)
         xo_ptr = _cupy.ptr(outliers[3]) if outliers else np.uint64(0)
-        args = (_cupy.ptr(x), slots_ptr, _cupy.ptr(xq), _cupy.ptr(row_scale), xo_ptr, np.int32(k), np.int32(k_padded), np.int32(cap))
+        vec = int(k % 8 == 0 and k_padded == k and x.data_ptr() % 16 == 0)
+        args = (
+            _cupy.ptr(x),
+            slots_ptr,
+            _cupy.ptr(xq),
+            _cupy.ptr(row_scale),
+            xo_ptr,
+            np.int32(k),
+            np.int32(k_padded),
+            np.int32(cap),
+            np.int32(vec),
+        )
         _launch(f"quantize_rows<{ctype}>", m, 256, args, x.device)
     return xq, row_scale, outliers
 
 
-def _grid_1d(total: int, block: int = 256) -> int:
-    # Grid-stride kernels: enough CTAs to fill the GPU several times over, no more.
-    return max(1, min((total + block - 1) // block, 65535 * 4))
+def _grid_rows(rows: int, cols: int, block: int = 256) -> tuple[int, int]:
+    """Grid of the row-major elementwise kernels: x covers a row's columns, y the rows (strided past 65535)."""
+    return max(1, (cols + block - 1) // block), max(1, min(rows, 65535))
 
 
 def _dequantize_cuda(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,7 +230,7 @@ def _dequantize_cuda(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> 
     if q.numel():
         _launch(
             f"dequantize_rows<{_CTYPE[dtype]}>",
-            _grid_1d(q.numel()),
+            _grid_rows(q.shape[0], q.shape[1]),
             256,
             (_cupy.ptr(q), _cupy.ptr(scb), _cupy.ptr(out), np.int64(q.shape[0]), np.int32(q.shape[1])),
             q.device,
@@ -232,8 +243,10 @@ def _gemv_cuda(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias32: Opti
     n = q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     mt = next(t for t in _GEMV_MT if t >= m)
-    # 8 warps a CTA; at least two CTAs per SM keep enough weight loads in flight.
-    r = 4 if (n + 31) // 32 >= 2 * _sm_count(x.device) else 2
+    # 8 warps a CTA. Up to 4 tokens the kernel is bound by weight bytes: 2 rows per warp where
+    # 4 would leave fewer than two CTAs per SM. From 8 tokens on it is bound by FMAs and
+    # shared-memory reads of x, which 4 rows per warp halve.
+    r = 4 if mt >= 8 or (n + 31) // 32 >= 2 * _sm_count(x.device) else 2
     rows_per_cta = 8 * r
     vec = int(k % 16 == 0 and q.data_ptr() % 16 == 0)
     _launch(
@@ -311,7 +324,7 @@ def _int8_linear_cuda(x, q, scb, bias, threshold):
         np.int64(m),
         np.int32(n),
     )
-    _launch(f"int8_epilogue<{_CTYPE[x.dtype]}>", _grid_1d(m * n), 256, args, x.device)
+    _launch(f"int8_epilogue<{_CTYPE[x.dtype]}>", _grid_rows(m, n), 256, args, x.device)
     return out
 
 

@@ -84,26 +84,53 @@ __global__ void select_outliers(int* __restrict__ flags, int* __restrict__ cols,
     if (threadIdx.x == 0) count[0] = base < cap ? base : cap;
 }
 
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
+    constexpr int N = sizeof(T) * 8 / 16;
+    union { uint4 u[N]; T t[8]; } buf;
+#pragma unroll
+    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(buf.t[i]);
+}
+
 // One CTA (256 threads) per token row. slots may be null (threshold 0: no outliers);
 // otherwise slots[k] >= 0 marks an outlier column, whose value goes to xo[m, slots[k]]
 // (fp32, the float half of the decomposition) and whose code is 0.
 // xq: [M, Kp] with Kp >= K (columns K..Kp-1 are written as 0: padding for the int8 GEMM).
+// `vec` (K % 8 == 0, Kp == K, x 16-byte aligned): 8 elements per thread and access.
 // A row holding NaN/Inf outside the outlier columns gets row_scale NaN/Inf and codes 0,
 // so its outputs are NaN, as in the reference.
 template <typename T>
 __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ slots, i8* __restrict__ xq,
                               float* __restrict__ row_scale, float* __restrict__ xo, const int K, const int Kp,
-                              const int cap) {
+                              const int cap, const int vec) {
     __shared__ float swarp[8];
     const i64 m = blockIdx.x;
     const T* row = x + m * K;
+    i8* qrow = xq + m * Kp;
     float amax = 0.0f;
-    for (int k = threadIdx.x; k < K; k += 256) {
-        const float v = to_float(row[k]);
-        if (slots == nullptr || slots[k] < 0) {
-            amax = nanmax(amax, fabsf(v));
-        } else {
-            xo[m * cap + slots[k]] = v;
+    if (vec) {
+        for (int k = threadIdx.x * 8; k < K; k += 256 * 8) {
+            float v[8];
+            load8(row + k, v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                if (slots == nullptr || slots[k + i] < 0) {
+                    amax = nanmax(amax, fabsf(v[i]));
+                } else {
+                    xo[m * cap + slots[k + i]] = v[i];
+                }
+            }
+        }
+    } else {
+        for (int k = threadIdx.x; k < K; k += 256) {
+            const float v = to_float(row[k]);
+            if (slots == nullptr || slots[k] < 0) {
+                amax = nanmax(amax, fabsf(v));
+            } else {
+                xo[m * cap + slots[k]] = v;
+            }
         }
     }
     amax = group_nanmax<32>(amax);
@@ -112,14 +139,28 @@ __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ s
     amax = swarp[0];
 #pragma unroll
     for (int w = 1; w < 8; ++w) amax = nanmax(amax, swarp[w]);
-    const bool usable = amax > 0.0f && amax <= 3.402823466e38f;  // finite and non-zero
+    // A usable row (finite, non-zero absmax) has only finite values outside the outlier columns.
+    const bool usable = amax > 0.0f && amax <= 3.402823466e38f;
     const float inv = usable ? __fdiv_rn(127.0f, amax) : 0.0f;
-    i8* qrow = xq + m * Kp;
-    for (int k = threadIdx.x; k < Kp; k += 256) {
-        float v = 0.0f;
-        if (k < K && (slots == nullptr || slots[k] < 0)) v = __fmul_rn(to_float(row[k]), inv);
-        v = fminf(fmaxf(rintf(v), -127.0f), 127.0f);
-        qrow[k] = (i8)(int)v;
+    if (vec) {
+        for (int k = threadIdx.x * 8; k < K; k += 256 * 8) {
+            float v[8];
+            load8(row + k, v);
+            union { uint2 u; i8 b[8]; } pack;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const bool kept = usable && (slots == nullptr || slots[k + i] < 0);
+                const float t = kept ? fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -127.0f), 127.0f) : 0.0f;
+                pack.b[i] = (i8)(int)t;
+            }
+            *reinterpret_cast<uint2*>(qrow + k) = pack.u;
+        }
+    } else {
+        for (int k = threadIdx.x; k < Kp; k += 256) {
+            const bool kept = usable && k < K && (slots == nullptr || slots[k] < 0);
+            const float t = kept ? fminf(fmaxf(rintf(__fmul_rn(to_float(row[k]), inv)), -127.0f), 127.0f) : 0.0f;
+            qrow[k] = (i8)(int)t;
+        }
     }
     if (threadIdx.x == 0) row_scale[m] = __fdiv_rn(amax, 127.0f);
 }
@@ -137,35 +178,40 @@ __global__ void gather_outlier_weights(const i8* __restrict__ q, const int* __re
 // acc: [M, ldacc] int32 (ldacc >= N); bias: [N] fp32 or null. With count non-null, the
 // float half: osum = sum_{j < count} xo[m, j] * qo[j, n] (fp32, in slot order).
 // out = acc * (row_scale[m] * SCB[n]) + osum * SCB[n] + bias[n], rounded once to T.
+// Grid: x over columns, y over rows (striding when M > gridDim.y).
 template <typename T>
 __global__ void int8_epilogue(const int* __restrict__ acc, const int ldacc, const float* __restrict__ row_scale,
                               const float* __restrict__ scb, const float* __restrict__ xo,
                               const i8* __restrict__ qo, const int* __restrict__ count, const int cap,
                               const float* __restrict__ bias, T* __restrict__ out, const i64 M, const int N) {
-    const i64 total = M * N;
     const int c = count != nullptr ? count[0] : 0;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        const i64 m = i / N;
-        const int n = (int)(i - m * N);
-        const float s = scb[n];
-        float v = __fmul_rn((float)acc[m * ldacc + n], __fmul_rn(row_scale[m], s));
-        if (c > 0) {
-            float osum = 0.0f;
-            for (int j = 0; j < c; ++j) osum = __fadd_rn(osum, __fmul_rn(xo[m * cap + j], (float)qo[(i64)j * N + n]));
-            v = __fadd_rn(v, __fmul_rn(osum, s));
+    for (i64 m = blockIdx.y; m < M; m += gridDim.y) {
+        const float rs = row_scale[m];
+        for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x) {
+            const float s = scb[n];
+            float v = __fmul_rn((float)acc[m * ldacc + n], __fmul_rn(rs, s));
+            if (c > 0) {
+                float osum = 0.0f;
+                for (int j = 0; j < c; ++j) {
+                    osum = __fadd_rn(osum, __fmul_rn(xo[m * cap + j], (float)qo[(i64)j * N + n]));
+                }
+                v = __fadd_rn(v, __fmul_rn(osum, s));
+            }
+            if (bias != nullptr) v = __fadd_rn(v, bias[n]);
+            out[m * N + n] = from_float<T>(v);
         }
-        if (bias != nullptr) v = __fadd_rn(v, bias[n]);
-        out[i] = from_float<T>(v);
     }
 }
 
-// q: [rows, K] int8, scb: [rows] -> out: [rows, K] in T.
+// q: [rows, K] int8, scb: [rows] -> out: [rows, K] in T. Grid: x over K, y over rows.
 template <typename T>
 __global__ void dequantize_rows(const i8* __restrict__ q, const float* __restrict__ scb, T* __restrict__ out,
                                 const i64 rows, const int K) {
-    const i64 total = rows * K;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        out[i] = from_float<T>(__fmul_rn((float)q[i], scb[i / K]));
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float s = scb[r];
+        for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < K; k += gridDim.x * blockDim.x) {
+            out[r * K + k] = from_float<T>(__fmul_rn((float)q[r * K + k], s));
+        }
     }
 }
 
@@ -177,6 +223,15 @@ __global__ void dequantize_rows(const i8* __restrict__ q, const float* __restric
 // int8 storage (half the bytes of fp16), which is why this beats an fp16 GEMV.
 // out[m, n] = (sum_k x[m, k] * q[n, k]) * SCB[n] + bias[n], fp32 accumulation (per-lane
 // partial sums, then a butterfly over the warp), rounded once to T.
+// Four int8 (one 32-bit word) to exact floats without the slow I2F unit: flipping each
+// byte's sign bit gives u = b + 128 in [0, 255]; the float with bit pattern 0x4B0000uu is
+// 2^23 + u, and subtracting 2^23 + 128 leaves b. One PRMT and one FADD per value.
+__device__ __forceinline__ void int8x4_to_float(unsigned int w, float* f) {
+    const unsigned int u = w ^ 0x80808080u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __int_as_float(__byte_perm(u, 0x4B000000u, 0x7540u + i)) - 8388736.0f;
+}
+
 #define GEMV_WARPS 8
 #define GEMV_KT 512
 #define GEMV_XS 640
@@ -214,10 +269,10 @@ __global__ void __launch_bounds__(256) gemv_int8(const T* __restrict__ x, const 
             const int n = row0 + r;
             const i8* wrow = w + (i64)(n < N ? n : 0) * K;
             if (vec) {
-                union { int4 v; i8 b[16]; } pack;
+                union { int4 v; unsigned int w[4]; } pack;
                 pack.v = n < N ? *reinterpret_cast<const int4*>(wrow + kl) : make_int4(0, 0, 0, 0);
 #pragma unroll
-                for (int j = 0; j < 16; ++j) wf[r][j] = (float)pack.b[j];
+                for (int j = 0; j < 4; ++j) int8x4_to_float(pack.w[j], &wf[r][4 * j]);
             } else {
 #pragma unroll
                 for (int j = 0; j < 16; ++j) wf[r][j] = (n < N && kl + j < K) ? (float)wrow[kl + j] : 0.0f;
