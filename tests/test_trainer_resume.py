@@ -52,8 +52,9 @@ def dataset():
 
 def run(int8_dir, output_dir, *, resume_from=None, device="cpu", dtype=torch.float32):
     """One Trainer run; returns (trainer, optimizer)."""
-    device_map = {"": 0} if device == "cuda" else None
-    model = transformers.AutoModelForCausalLM.from_pretrained(int8_dir, dtype=dtype, device_map=device_map)
+    # on the GPU: eager attention, whose kernels all have deterministic implementations
+    gpu = {"device_map": {"": 0}, "attn_implementation": "eager"} if device == "cuda" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(int8_dir, dtype=dtype, **gpu)
     model = optim8.prepare_for_lora(model, gradient_checkpointing=True)
     torch.manual_seed(1)  # adapter init; a resumed run overwrites it from the checkpoint anyway
     config = peft.LoraConfig(
