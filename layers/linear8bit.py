@@ -9,9 +9,10 @@
 forward and backward are those of :mod:`optim8.kernels.int8`; in short, for ``M`` token rows:
 
 * ``M <= 16`` (decoding): weight-only int8, ``x @ (q * SCB)^T + bias`` with fp32 accumulation;
-* otherwise the mixed decomposition: input columns with any ``|x| >= threshold`` multiply the
-  matching weight columns in x's dtype, the rest is quantized row-wise to int8 and multiplied
-  int8 x int8 -> int32, and the two parts are summed after dequantization, plus the bias.
+* otherwise the mixed decomposition: input columns with any ``|x| >= threshold`` (at most 256,
+  the first in column order) multiply the matching weight columns in fp32, the rest is
+  quantized row-wise to int8 and multiplied int8 x int8 -> int32, and the two parts are summed
+  after dequantization, plus the bias, in fp32, then rounded once to x's dtype.
   ``threshold=0`` turns the decomposition off.
 
 Inputs may be fp32, fp16 or bf16 with any number of leading dimensions; the layer computes in
