@@ -302,9 +302,8 @@ def test_cuda_lora_trains_merges_and_round_trips(int8_dir, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids).logits.float()
     model.save_pretrained(tmp_path / "adapter")
-    loaded = peft.PeftModel.from_pretrained(
-        optim8.prepare_for_lora(auto.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0})), tmp_path / "adapter"
-    )
+    base = optim8.prepare_for_lora(auto.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}))
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits.float(), expected)
         merged = loaded.merge_and_unload()

@@ -94,7 +94,9 @@ class LoraLinear8bitLt(LoraLinear):
             weight += sign * self.get_delta_weight(name).to(weight.device, torch.float32)
             if self.lora_bias[name]:
                 if bias is None:
-                    raise RuntimeError(f"adapter {name!r} has lora_bias=True but the base layer has no bias to merge it into")
+                    raise RuntimeError(
+                        f"adapter {name!r} has lora_bias=True but the base layer has no bias to merge it into"
+                    )
                 bias += sign * self.scaling[name] * self.lora_B[name].bias.detach().float()
         if check_finite and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
             raise ValueError(f"NaNs detected in the merged weights. The adapter(s) {adapter_names} seem to be broken")

@@ -52,7 +52,7 @@ def prepare_for_lora(
     _enable_input_grads(model)
 
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         elif hasattr(model, "gradient_checkpointing_enable"):

@@ -97,7 +97,9 @@ class Int8Quantize(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     @torch.no_grad()
-    def convert(self, input_dict: dict[str, Any], *, model: nn.Module | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    def convert(
+        self, input_dict: dict[str, Any], *, model: nn.Module | None = None, **kwargs
+    ) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
