@@ -429,6 +429,27 @@ def _backward(ctx, grad):
 _int8_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Int8LinearEager(torch.autograd.Function):
+    """The same forward and backward as ``optim8::int8_linear``, without the custom-op dispatch.
+
+    Measured on a 2-core CPU for a tiny call: the reference alone 13 us, through this
+    Function 18 us, through the custom op 24 us. A decode step's GPU work on a 4096x14336
+    layer is ~20 us, so eager calls take this path; tracing (torch.compile, export), fake
+    and meta tensors and other devices take the custom op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, q, scb, bias, threshold):
+        _setup_context(ctx, (x, q, scb, bias, threshold), None)
+        if x.is_cuda:
+            return _int8_linear_cuda(x, q, scb, bias, threshold)
+        return int8_linear_reference(x, q, scb, bias, threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+
 # ------------------------------------------------------------------------ public API
 
 
@@ -467,6 +488,8 @@ def int8_linear(
     x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None, *, threshold: float = 6.0
 ) -> torch.Tensor:
     """``x[M, K] @ (q * SCB)^T + bias`` by the decode or the mixed int8 path (module docstring), differentiable in x and bias."""
+    if type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        return _Int8LinearEager.apply(x, q, scb, bias, float(threshold))
     return _int8_linear_op(x, q, scb, bias, float(threshold))
 
 
