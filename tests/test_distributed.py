@@ -14,6 +14,7 @@ each shard, so they differ from the single-process blocks), and a 77-element bia
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -110,8 +111,9 @@ def mark_unaligned(model: nn.Sequential) -> None:
     optim8.set_optim_bits(model[4].weight, 32)
 
 
+@functools.cache
 def single_process(name: str, device="cpu") -> dict:
-    """The reference: the same training in one process on the whole global batch.
+    """The reference: the same training in one process on the whole global batch (cached: do not modify).
 
     ``name``: "mlp8", "mlp32" (fp32 state), "mlp8_aligned" (:func:`mark_unaligned`), "lora".
     """
@@ -282,8 +284,8 @@ def worker(out: Path, names: list[str], *, backend: str, device: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(out: Path, names: list[str], *, world: int = WORLD, backend: str = "gloo", device: str = "cpu") -> dict:
-    """Start ``world`` processes running this file as a worker; return rank 0's report."""
+def launch(out: Path, names: list[str], *, world: int = WORLD, backend: str = "gloo", device: str = "cpu", script: str = __file__, timeout_s: float = _TIMEOUT_S) -> dict:
+    """Start ``world`` processes running ``script`` (this file) as a worker; return rank 0's report."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -291,12 +293,12 @@ def launch(out: Path, names: list[str], *, world: int = WORLD, backend: str = "g
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, __file__, "--out", str(out), "--backend", backend, "--device", device, *names]
+        cmd = [sys.executable, script, "--out", str(out), "--backend", backend, "--device", device, *names]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=_TIMEOUT_S)[0])
+            logs.append(proc.communicate(timeout=timeout_s)[0])
     finally:
         for proc in procs:
             if proc.poll() is None:
