@@ -314,14 +314,23 @@ def quantize_model(model: nn.Module, *, threshold: float = 6.0, skip=("lm_head",
         skip = (skip,)
     skip = tuple(skip)
     threshold = _check_threshold(threshold)
+    # Names only: a list of (name, module) pairs would keep every float layer alive to the end.
+    names = [
+        name
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, nn.Linear) and not isinstance(module, Linear8bitLt)
+    ]
     converted: dict[int, Linear8bitLt] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
+    for name in names:
+        module = model.get_submodule(name)
         if not isinstance(module, nn.Linear) or isinstance(module, Linear8bitLt):
             continue
         if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear) or _skipped(name, skip):
             continue
         if not name:
             raise TypeError("quantize_model got an nn.Linear itself; use Linear8bitLt.from_linear(linear) instead")
+        # A module reached under several names is converted once (ids stay valid: it is alive
+        # until its last parent has been switched over).
         layer = converted.get(id(module))
         if layer is None:
             try:
@@ -332,8 +341,8 @@ def quantize_model(model: nn.Module, *, threshold: float = 6.0, skip=("lm_head",
             layer.train(module.training)
             converted[id(module)] = layer
         parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
         # The parent held the only reference to the float layer (as a rule): it is freed here,
         # before the next layer is quantized.
-        setattr(model.get_submodule(parent_name), child, layer)
         del module
     return model

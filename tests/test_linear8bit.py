@@ -306,6 +306,25 @@ def test_quantize_model_swaps_and_skips():
     assert sum(isinstance(m, Linear8bitLt) for m in model.modules()) == before
 
 
+def test_quantize_model_frees_each_float_layer_before_the_next(monkeypatch):
+    import weakref
+
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(5)])
+    weights = [weakref.ref(layer.weight) for layer in model]
+    alive_at_each_call = []
+    from_linear = Linear8bitLt.from_linear.__func__
+
+    def recording(cls, linear, *, threshold=6.0):
+        alive_at_each_call.append(sum(ref() is not None for ref in weights))
+        return from_linear(cls, linear, threshold=threshold)
+
+    monkeypatch.setattr(Linear8bitLt, "from_linear", classmethod(recording))
+    quantize_model(model, skip=())
+    # at the i-th conversion, the i earlier float weights are gone already
+    assert alive_at_each_call == [5, 4, 3, 2, 1]
+    assert all(ref() is None for ref in weights)
+
+
 # ------------------------------------------------------------------------- bad input
 
 
