@@ -57,6 +57,7 @@ from . import _cupy
 
 __all__ = [
     "DECODE_TOKENS",
+    "OUTLIER_CAP",
     "quantize_rowwise",
     "dequantize_rowwise",
     "quantize_activations",
@@ -478,7 +479,12 @@ def dequantize_rowwise(q: torch.Tensor, scb: torch.Tensor, *, dtype: torch.dtype
 
 
 def quantize_activations(x: torch.Tensor, *, threshold: float = 6.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Outlier columns and row-wise int8 codes of a 2-D activation: ``(xq, row_scale, outlier)``."""
+    """The activation half of the mixed path for a 2-D ``x[M, K]``: ``(xq, row_scale, outlier)``.
+
+    ``outlier`` (bool ``[K]``) marks the columns that take the float path (the first
+    ``OUTLIER_CAP`` columns holding any ``|x| >= threshold``); ``xq`` (int8 ``[M, K]``, zero in
+    those columns) and ``row_scale`` (fp32 ``[M]``) quantize the rest: ``x ~= xq * row_scale``.
+    """
     if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_activations takes a 2-D fp32/fp16/bf16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
     return _quantize_activations_op(x, float(threshold))
