@@ -494,6 +494,12 @@ def int8_linear(
     x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None, *, threshold: float = 6.0
 ) -> torch.Tensor:
     """``x[M, K] @ (q * SCB)^T + bias`` by the decode or the mixed int8 path (module docstring), differentiable in x and bias."""
+    if x.dim() != 2 or q.dim() != 2 or x.shape[1] != q.shape[1] or q.dtype != torch.int8:
+        raise ValueError(
+            f"int8_linear takes x [M, K] and int8 q [N, K]; got x {tuple(x.shape)} and {q.dtype} q {tuple(q.shape)}"
+        )
+    if x.device != q.device or scb.device != q.device:
+        raise ValueError(f"int8_linear: x is on {x.device}, q on {q.device}, SCB on {scb.device}; put them on one device")
     if type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
         return _Int8LinearEager.apply(x, q, scb, bias, float(threshold))
     return _int8_linear_op(x, q, scb, bias, float(threshold))

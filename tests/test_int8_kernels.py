@@ -332,3 +332,13 @@ def test_cuda_torch_compile():
     assert torch.equal(out, layer(x))
     out.float().sum().backward()
     assert x.grad is not None
+
+
+def test_int8_linear_refuses_mismatched_operands():
+    q, scb = int8.quantize_rowwise(torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"x \(4, 15\)"):
+        int8.int8_linear(torch.randn(4, 15), q, scb)
+    with pytest.raises(ValueError, match="int8 q"):
+        int8.int8_linear(torch.randn(4, 16), q.float(), scb)
+    with pytest.raises(ValueError, match="one device"):
+        int8.int8_linear(torch.randn(4, 16, device="meta"), q, scb)
