@@ -430,3 +430,26 @@ def test_chunked_cpu_step_equals_reference(state8, dtype, monkeypatch):
     assert torch.equal(a[0], b[0]) and a[0][77] == p0[77]  # the NaN-gradient element is untouched
     for x, y in zip(a[2:], b[2:]):
         assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_gpu_encoder_table_is_exact(signed):
+    """The CUDA kernel's encoder (cell table + upward walk), emulated here with its exact index
+    math, equals torch.bucketize on a scan of fp32 patterns and on every boundary's neighbours."""
+    from optim8.kernels import adam as A
+
+    lut = A._gpu_encode_table_cpu(signed).long()
+    assert lut.numel() == A.GPU_LUT_SIZE
+    mid = A.map_boundaries(signed)
+    top = torch.tensor(4.0).view(torch.int32).item()
+    pats = torch.arange(0, top, 997, dtype=torch.int64)
+    near = torch.cat([mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0))])
+    x = torch.cat([pats.to(torch.int32).view(torch.float32), -pats.to(torch.int32).view(torch.float32), near, torch.tensor([0.0, -0.0, 1e-45, -1e-45])])
+    b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    e = (((b >> 23) & 0xFF) - A.GPU_LUT_EXP0).clamp(0, A.GPU_LUT_NEXP - 1)
+    m7 = torch.where(e == 0, 0, (b >> 16) & 0x7F)
+    c = lut[((b >> 31) * A.GPU_LUT_NEXP + e) * 128 + m7]
+    mid_ext = torch.cat([mid, torch.tensor([float("inf")])])
+    for _ in range(4):  # the kernel walks while needed; here: at most 4 steps, then it must be exact
+        c += mid_ext[c] < x
+    assert torch.equal(c, torch.bucketize(x, mid))

@@ -7,7 +7,7 @@
 // p, g, m, v, m_absmax, v_absmax (pointers), n, aligned; then ntensors + 1 prefix sums of
 // the tensors' chunk counts. A chunk is 256 consecutive elements of one tensor: one warp
 // iteration, 8 elements per lane. Warps stride over all chunks (the grid is sized to the
-// GPU), so the 4 KB of map tables are loaded into shared memory once per CTA.
+// GPU), so the map tables (17.5 KB) are loaded into shared memory once per CTA.
 //
 // Per element, one pass over memory: load p, g, codes (or fp32 moments) and the block's
 // absmax; dequantize; update the moments; reduce the new block absmax across the lanes
@@ -39,39 +39,21 @@ __device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
 
 __device__ __forceinline__ bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }
 
-// A first guess of a value's code in the dynamic map (kernels/quant_map.py): magnitudes
-// sit in decades [0.1, 1] * 10^(d-6), d = 0..6, decade d holding `cnt` = 2^d (signed) or
-// 2^(d+1) (unsigned) bin midpoints. The guess is exact away from decade edges; the
-// caller corrects it against the true decision boundaries, so it only saves work.
-template <bool SIGNED>
-__device__ __forceinline__ int guess_code(float x) {
-    const float a = fabsf(x);
-    constexpr float LO[7] = {1e-7f, 1e-6f, 1e-5f, 1e-4f, 1e-3f, 1e-2f, 1e-1f};
-    constexpr float INV[7] = {1e6f, 1e5f, 1e4f, 1e3f, 1e2f, 1e1f, 1e0f};
-    int d = -1;
-    float s = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 7; ++j) {
-        if (a >= LO[j]) { d = j; s = a * INV[j]; }
-    }
-    if (d < 0) return SIGNED ? 127 : 0;
-    constexpr int BASE = SIGNED ? 1 : 2;
-    const int cnt = BASE << d;
-    int k = (int)((s - 0.1f) * ((float)cnt * (1.0f / 0.9f)));
-    k = k < 0 ? 0 : (k >= cnt ? cnt - 1 : k);
-    const int idx = BASE * ((1 << d) - 1) + k;  // rank among the positive midpoints
-    if (SIGNED) return x > 0.0f ? 128 + idx : 126 - idx;
-    return 1 + idx;
-}
+// torch.bucketize(v, mid) for finite v: `lut` (kernels/adam.py, _gpu_encode_table) maps
+// the cell of v (sign, exponent field 103..128 or "tiny", top 7 mantissa bits) to the
+// number of boundaries below the cell's lowest value; walking up past the boundaries
+// inside the cell (rarely more than one) gives the exact count.
+#define LUT_EXP0 102
+#define LUT_NEXP 27
+#define LUT_SIZE (2 * LUT_NEXP * 128)
 
-// Exactly torch.bucketize(v, mid): the number of decision boundaries below v, found by
-// walking from the guess (usually two shared-memory reads instead of a binary search's
-// eight). v is finite here.
-template <bool SIGNED>
-__device__ __forceinline__ int encode(const float* __restrict__ mid, float v) {
-    int c = guess_code<SIGNED>(v);
+__device__ __forceinline__ int encode(const u8* __restrict__ lut, const float* __restrict__ mid, float v) {
+    const unsigned int b = __float_as_uint(v);
+    int e = (int)((b >> 23) & 0xffu) - LUT_EXP0;
+    e = e < 0 ? 0 : (e >= LUT_NEXP ? LUT_NEXP - 1 : e);
+    const int m7 = e == 0 ? 0 : (int)((b >> 16) & 0x7fu);
+    int c = lut[((int)(b >> 31) * LUT_NEXP + e) * 128 + m7];
     while (c < 255 && mid[c] < v) ++c;
-    while (c > 0 && !(mid[c - 1] < v)) --c;
     return c;
 }
 
@@ -124,8 +106,8 @@ __device__ __forceinline__ void store_vals(T* __restrict__ dst, i64 base, i64 n,
 
 // Quantize this lane's 8 values with the block absmax shared by the TPB lanes of its
 // quantization block; same algorithm as kernels/blockwise.py.
-template <bool SIGNED, int TPB>
-__device__ __forceinline__ float quantize8(const float* __restrict__ mid, const float* x, int zero, int* c) {
+template <int TPB>
+__device__ __forceinline__ float quantize8(const u8* __restrict__ lut, const float* __restrict__ mid, const float* x, int zero, int* c) {
     float a = 0.0f;
 #pragma unroll
     for (int i = 0; i < E; ++i) a = nanmax(a, fabsf(x[i]));
@@ -136,7 +118,7 @@ __device__ __forceinline__ float quantize8(const float* __restrict__ mid, const 
     } else {
         const float inv = a > 0.0f ? 1.0f / a : 1.0f;
 #pragma unroll
-        for (int i = 0; i < E; ++i) c[i] = encode<SIGNED>(mid, __fmul_rn(x[i], inv));
+        for (int i = 0; i < E; ++i) c[i] = encode(lut, mid, __fmul_rn(x[i], inv));
     }
     return a;
 }
@@ -146,18 +128,24 @@ __global__ void __launch_bounds__(256)
 adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
            const float* __restrict__ qmap1, const float* __restrict__ qmap2,
            const float* __restrict__ mid1, const float* __restrict__ mid2,
+           const u8* __restrict__ lut1, const u8* __restrict__ lut2,
            const int zero1, const int zero2,
            const float beta1, const float omb1, const float beta2, const float omb2,
-           const float eps, const float step_size, const float bc2_sqrt,
+           const float eps, const float step_size, const float inv_bc2_sqrt,
            const float decay, const float weight_decay) {
     constexpr int TPB = BLOCK / E;  // lanes per quantization block (8, 16 or 32)
     static_assert(TPB <= 32 && CHUNK % BLOCK == 0, "a quantization block lives in one warp");
     __shared__ float smap1[256], smap2[256], smid1[256], smid2[256];
+    __shared__ u8 slut1[LUT_SIZE], slut2[LUT_SIZE];
     if (STATE8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) {
             smap1[i] = qmap1[i];
             smap2[i] = qmap2[i];
             if (i < 255) { smid1[i] = mid1[i]; smid2[i] = mid2[i]; }
+        }
+        for (int i = threadIdx.x; i < LUT_SIZE; i += blockDim.x) {
+            slut1[i] = lut1[i];
+            slut2[i] = lut2[i];
         }
         __syncthreads();
     }
@@ -211,7 +199,7 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
             const float v1 = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), omb2));
             if (finite(m1) && finite(v1)) {  // else: the element keeps p, m and v
                 const float p1 = DECOUPLED ? __fmul_rn(pv[i], decay) : pv[i];
-                const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v1), bc2_sqrt), eps);
+                const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v1), inv_bc2_sqrt), eps);
                 pv[i] = __fsub_rn(p1, __fdiv_rn(__fmul_rn(m1, step_size), denom));
                 m[i] = m1;
                 v[i] = v1;
@@ -221,8 +209,8 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         store_vals(p, base, n, vec, pv);
         if (STATE8) {
             int cm[E], cv[E];
-            const float am = quantize8<true, TPB>(smid1, m, zero1, cm);
-            const float av = quantize8<false, TPB>(smid2, v, zero2, cv);
+            const float am = quantize8<TPB>(slut1, smid1, m, zero1, cm);
+            const float av = quantize8<TPB>(slut2, smid2, v, zero2, cv);
             if (base < n) {
                 store_codes(reinterpret_cast<u8*>(row[2]), base, n, vec, cm);
                 store_codes(reinterpret_cast<u8*>(row[3]), base, n, vec, cv);
