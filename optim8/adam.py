@@ -20,8 +20,9 @@ gradient overflows) is skipped, its parameter and moments left as they were; the
 elements of the tensor, and their 8-bit blocks, are updated normally. (With fp16 mixed
 precision, ``torch.amp.GradScaler`` skips the whole step before this matters.)
 
-Not supported (clear errors): sparse gradients, ``amsgrad=True``, a tensor ``lr`` on CUDA
-is read with ``float()`` each step (a host sync: pass a Python float).
+Not supported (clear errors): sparse gradients, ``amsgrad=True``. A tensor ``lr`` is
+accepted but read with ``float()`` every step (a host sync if it lives on a GPU): pass a
+Python float to keep ``step()`` free of synchronization.
 """
 
 from __future__ import annotations
