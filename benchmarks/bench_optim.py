@@ -133,6 +133,7 @@ def main():
         floor_ms = floor_bytes / copy_gbs / 1e6
         rows = [bench("optim8 AdamW8bit", lambda ps: optim8.AdamW8bit(ps, **hp), shapes, dtype)]
         rows.append(bench("torch AdamW (fused=True)", lambda ps: torch.optim.AdamW(ps, fused=True, **hp), shapes, dtype))
+        rows.append(bench("optim8 AdamW32bit (same kernel, fp32 state)", lambda ps: optim8.AdamW32bit(ps, **hp), shapes, dtype))
         if bnb is not None:
             rows.append(bench(f"bitsandbytes {bnb.__version__} AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, **hp), shapes, dtype))
         lines += [
