@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 __all__ = ["kernels", "layers", "__version__"]
 __all__ += ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit", "Optimizer8bit", "set_optim_bits"]
 __all__ += ["Linear8bitLt", "quantize_model"]
+from . import distributed  # noqa: E402  (DTensor/FSDP2 helpers; never imports torch.distributed.tensor)
+
+__all__ += ["distributed"]
 
 # Hugging Face: prepare_for_lora is plain PyTorch; Int8Config needs transformers and is imported on
 # first access. Registration with transformers and peft happens when they are imported (never here).

@@ -207,6 +207,76 @@ def scenario_fsdp(rank, world, device, out: Path) -> None:
         (out / "fsdp.json").write_text(json.dumps({"ranks": gathered, "state_keys": kinds, "state8_aligned": state8_aligned}))
 
 
+class Gate(nn.Module):
+    """A [1, 4160] gate (8-bit state by size; FSDP2 leaves rank 1 an empty shard) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(1, 4160))
+        self.head = nn.Linear(4160, 8)
+
+    def forward(self, x):
+        return self.head(x.repeat(1, 130) * self.gate)
+
+
+def scenario_fsdp_layouts(rank, world, device, out: Path) -> None:
+    """HSDP's 2-D mesh (Replicate x Shard: absmax replicated along the first mesh dim), an empty
+    local shard, a DCP resume, and the gathered (full_state_dict) round trip Accelerate uses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(torch.device(device).type, (1, world), mesh_dim_names=("replicate", "shard"))
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = Gate().to(device)
+        optim8.distributed.fully_shard(model, mesh=mesh)
+        return model, optim8.AdamW8bit(model.parameters(), lr=LR)
+
+    def snapshot(opt, model):
+        return [{k: t.clone() if isinstance(t, torch.Tensor) else t for k, t in opt.state[p].items()} for p in model.parameters()]
+
+    def same(a, b):
+        return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x) for x, y in zip(a, b))
+
+    model, opt = build(0)
+    train(model, opt, range(2), rank=rank, world=world, device=device)
+    saved = snapshot(opt, model)
+    path = str(out / "dcp_layouts")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    train(model, opt, range(2, 4), rank=rank, world=world, device=device)
+    uninterrupted = full_params(model)
+
+    resumed, opt2 = build(1)
+    sd = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt2)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(resumed, sd["model"])
+    set_optimizer_state_dict(resumed, opt2, sd["optim"])
+    dcp_equal = same(saved, snapshot(opt2, resumed))
+    train(resumed, opt2, range(2, 4), rank=rank, world=world, device=device)
+    after = full_params(resumed)
+
+    other, opt3 = build(2)
+    set_optimizer_state_dict(other, opt3, full, options=StateDictOptions(full_state_dict=True))
+    full_equal = same(saved, snapshot(opt3, other))
+    result = {
+        "gate_local_numel": model.gate.to_local().numel(),
+        "gate_state8": "exp_avg_absmax" in opt.state[model.gate],
+        "absmax_placements": str(opt.state_dict()["state"][0]["exp_avg_absmax"].placements),
+        "dcp_equal": dcp_equal,
+        "full_equal": full_equal,
+        "resume_exact": all(torch.equal(t, after[n]) for n, t in uninterrupted.items()),
+    }
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, result)
+    if rank == 0:
+        (out / "fsdp_layouts.json").write_text(json.dumps(gathered))
+
+
 def scenario_lora(rank, world, device, out: Path) -> None:
     """peft LoRA over Linear8bitLt under DDP: frozen int8 base, adapters averaged and kept equal."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -257,7 +327,10 @@ def scenario_accelerate(rank, world, device, out: Path) -> None:
         torch.save({"params": uninterrupted, "resumed": full_params(model), "info": info}, out / "accelerate.pt")
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "lora": scenario_lora, "accelerate": scenario_accelerate}
+SCENARIOS = {
+    "ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_layouts": scenario_fsdp_layouts,
+    "lora": scenario_lora, "accelerate": scenario_accelerate,
+}
 
 
 def worker(out: Path, names: list[str], *, backend: str, device: str) -> None:
@@ -415,6 +488,16 @@ def test_fsdp2_checkpoint_refuses_another_layout(runs):
         # CheckpointException derives from BaseException
         with pytest.raises(dcp.api.CheckpointException, match=r"(?s)Size mismatch.*exp_avg(_sq)?_absmax"):
             dcp.load({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(out / "dcp"))
+
+
+def test_fsdp2_hsdp_mesh_empty_shard_and_full_state_dict(runs):
+    out = _ok(runs, "fsdp_layouts")
+    ranks = json.loads((out / "fsdp_layouts.json").read_text())
+    assert [r["gate_local_numel"] for r in ranks] == [4160, 0]  # rank 1 holds an empty shard...
+    assert all(r["gate_state8"] for r in ranks)  # ...and still 8-bit state, by the global size
+    assert all(r["absmax_placements"] == "(Replicate(), Shard(dim=0))" for r in ranks)
+    for key in ("dcp_equal", "full_equal", "resume_exact"):
+        assert all(r[key] for r in ranks), (key, ranks)
 
 
 def test_lora_over_int8_under_ddp(runs):
