@@ -73,7 +73,11 @@ _GEMV_MT = (1, 2, 4, 8, 16)
 _GEMV_R = (2, 4)  # output rows per warp: 4 for wide layers, 2 to give narrow ones enough CTAs
 _NAMES = _cupy.register(
     "int8.cu",
-    tuple(f"{k}<{c}>" for k in ("outlier_columns", "quantize_rows", "int8_epilogue", "dequantize_rows") for c in _CTYPE.values())
+    tuple(
+        f"{k}<{c}>"
+        for k in ("outlier_columns", "quantize_rows", "int8_epilogue", "dequantize_rows")
+        for c in _CTYPE.values()
+    )
     + ("select_outliers", "gather_outlier_weights")
     + tuple(f"gemv_int8<{c},{mt},{r}>" for c in _CTYPE.values() for mt in _GEMV_MT for r in _GEMV_R),
 )
@@ -103,7 +107,9 @@ def dequantize_rowwise_reference(q: torch.Tensor, scb: torch.Tensor, dtype: torc
     return (q.float() * scb[:, None]).to(dtype)
 
 
-def quantize_activations_reference(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations_reference(
+    x: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(xq int8 [M, K], row_scale fp32 [M], outlier bool [K])`` of a 2-D float ``x``; see the module docstring."""
     xf = x.float()
     outlier = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
@@ -480,7 +486,9 @@ def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Raises ``ValueError`` if ``w`` holds NaN or Inf (checked except on the meta device).
     """
     if w.dim() != 2:
-        raise ValueError(f"quantize_rowwise expects a 2-D [out_features, in_features] weight, got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"quantize_rowwise expects a 2-D [out_features, in_features] weight, got shape {tuple(w.shape)}"
+        )
     if w.dtype not in FLOAT_DTYPES and w.dtype != torch.float64:
         raise TypeError(f"quantize_rowwise takes a floating weight, got {w.dtype}")
     if w.device.type != "meta" and w.numel() and not bool(torch.isfinite(w).all()):
@@ -506,20 +514,27 @@ def quantize_activations(x: torch.Tensor, *, threshold: float = 6.0) -> tuple[to
     those columns) and ``row_scale`` (fp32 ``[M]``) quantize the rest: ``x ~= xq * row_scale``.
     """
     if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"quantize_activations takes a 2-D fp32/fp16/bf16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+        raise TypeError(
+            f"quantize_activations takes a 2-D fp32/fp16/bf16 tensor, got {x.dtype} of shape {tuple(x.shape)}"
+        )
     return _quantize_activations_op(x, float(threshold))
 
 
 def int8_linear(
     x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None, *, threshold: float = 6.0
 ) -> torch.Tensor:
-    """``x[M, K] @ (q * SCB)^T + bias`` by the decode or the mixed int8 path (module docstring), differentiable in x and bias."""
+    """``x[M, K] @ (q * SCB)^T + bias`` by the decode or the mixed int8 path (module docstring).
+
+    Differentiable in ``x`` and ``bias`` (straight-through: ``grad_x = grad @ (q * SCB)``).
+    """
     if x.dim() != 2 or q.dim() != 2 or x.shape[1] != q.shape[1] or q.dtype != torch.int8:
         raise ValueError(
             f"int8_linear takes x [M, K] and int8 q [N, K]; got x {tuple(x.shape)} and {q.dtype} q {tuple(q.shape)}"
         )
     if x.device != q.device or scb.device != q.device:
-        raise ValueError(f"int8_linear: x is on {x.device}, q on {q.device}, SCB on {scb.device}; put them on one device")
+        raise ValueError(
+            f"int8_linear: x is on {x.device}, q on {q.device}, SCB on {scb.device}; put them on one device"
+        )
     if type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
         return _Int8LinearEager.apply(x, q, scb, bias, float(threshold))
     return _int8_linear_op(x, q, scb, bias, float(threshold))

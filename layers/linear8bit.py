@@ -137,7 +137,9 @@ class Linear8bitLt(nn.Linear):
         weight = linear.weight
         has_bias = linear.bias is not None
         dtype = linear.compute_dtype if isinstance(linear, Linear8bitLt) else weight.dtype
-        layer = cls(linear.in_features, linear.out_features, bias=has_bias, threshold=threshold, device="meta", dtype=dtype)
+        layer = cls(
+            linear.in_features, linear.out_features, bias=has_bias, threshold=threshold, device="meta", dtype=dtype
+        )
         if isinstance(linear, Linear8bitLt):
             layer.compute_dtype = linear.compute_dtype
             layer.layer_name = linear.layer_name
@@ -228,7 +230,9 @@ class Linear8bitLt(nn.Linear):
 
     # ------------------------------------------------------------------ state dict
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         wkey, skey = prefix + "weight", prefix + "SCB"
         name = prefix[:-1] if prefix else (self.layer_name or "")
         where = f"Linear8bitLt {name!r}" if name else "Linear8bitLt"
@@ -272,7 +276,9 @@ class Linear8bitLt(nn.Linear):
                 self.weight = nn.Parameter(
                     torch.empty(expected, dtype=torch.int8, device=self.weight.device), requires_grad=False
                 )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _check_threshold(threshold) -> float:

@@ -125,7 +125,10 @@ def test_decode_and_mixed_paths_meet_at_16_tokens():
 @pytest.mark.parametrize(
     "op, args",
     [
-        ("_int8_linear_op", lambda: (torch.randn(20, 33), *int8.quantize_rowwise(torch.randn(17, 33)), torch.randn(17), 1.0)),
+        (
+            "_int8_linear_op",
+            lambda: (torch.randn(20, 33), *int8.quantize_rowwise(torch.randn(17, 33)), torch.randn(17), 1.0),
+        ),
         ("_int8_linear_op", lambda: (torch.randn(5, 33), *int8.quantize_rowwise(torch.randn(17, 33)), None, 6.0)),
         ("_quantize_activations_op", lambda: (torch.randn(9, 31) * 5, 3.0)),
         ("_dequantize_op", lambda: (*int8.quantize_rowwise(torch.randn(7, 9)), torch.bfloat16)),
