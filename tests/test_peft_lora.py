@@ -16,36 +16,12 @@ import optim8  # noqa: E402
 from optim8.integrations.peft import LoraLinear8bitLt  # noqa: E402
 from optim8.layers import Linear8bitLt  # noqa: E402
 
-VOCAB = 101
-
-
-def llama_model():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config)
+from tiny_models import VOCAB, llama_model  # noqa: E402
+from tiny_models import bert_model as _bert_model  # noqa: E402
 
 
 def bert_model():
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return _bert_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 # model -> (builder, auto class, LoRA target modules, batch -> loss-ready kwargs)

@@ -15,22 +15,14 @@ peft = pytest.importorskip("peft")
 
 import optim8  # noqa: E402
 
-VOCAB = 101
+from tiny_models import VOCAB, llama_config  # noqa: E402
+
 STEPS, SAVE_AT = 6, 3
 
 
 @pytest.fixture(scope="module")
 def int8_dir(tmp_path_factory):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = llama_config()
     torch.manual_seed(0)
     fp32_dir = tmp_path_factory.mktemp("llama-fp32")
     transformers.LlamaForCausalLM(config).save_pretrained(fp32_dir)
