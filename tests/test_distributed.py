@@ -283,6 +283,7 @@ def scenario_lora(rank, world, device, out: Path) -> None:
 
     model = lora_model().to(device)
     before = int8_weights(model)
+    initial = {n: t for n, t in full_params(model).items() if "lora_" in n}
     layer_types = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith(("fc1", "fc2"))}
     model = DDP(model)
     opt = optim8.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR, min_8bit_size=0, blocksize=64)
@@ -291,7 +292,16 @@ def scenario_lora(rank, world, device, out: Path) -> None:
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, {n: t for n, t in after.items() if "lora_" in n})
     if rank == 0:
-        torch.save({"before": before, "after": after, "adapters_per_rank": gathered, "layer_types": layer_types}, out / "lora.pt")
+        # The single-process reference runs here, not in the pytest process: there, after the
+        # other tests, the int8 layer's backward (custom op optim8::int8_linear_grad_input)
+        # intermittently crashed the dispatcher ("schema not registered" / segfault); never
+        # reproduced outside pytest (see the issue 7 report).
+        reference = single_process("lora", device)
+        torch.save(
+            {"before": before, "after": after, "initial": initial, "adapters_per_rank": gathered,
+             "layer_types": layer_types, "reference": reference},
+            out / "lora.pt",
+        )
 
 
 def scenario_accelerate(rank, world, device, out: Path) -> None:
@@ -507,10 +517,9 @@ def test_lora_over_int8_under_ddp(runs):
     assert result["before"] and all(torch.equal(t, result["after"][n]) for n, t in result["before"].items())
     first, second = result["adapters_per_rank"]
     assert first and all(torch.equal(t, second[n]) for n, t in first.items()), "adapters differ between ranks"
-    ref = single_process("lora")
-    moved = max((result["after"][n] - lora_model().state_dict()[n]).abs().max().item() for n in first)
+    moved = max((result["after"][n] - result["initial"][n]).abs().max().item() for n in first)
     assert moved > 10 * FP32_TOL  # the adapters did train
-    diff = _max_diff(result["after"], ref)
+    diff = _max_diff(result["after"], result["reference"])  # one process, whole batch (run by rank 0)
     beyond = {n: d for n, d in diff.items() if d > FP32_TOL}
     assert not beyond, beyond  # 8-bit state (blocksize 64): measured max 6e-8, no code flip
 
