@@ -17,26 +17,6 @@
 #define E 8
 #define CHUNK 256
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
-    constexpr int N = sizeof(T) * E / 16;
-    union { uint4 u[N]; T t[E]; } buf;
-#pragma unroll
-    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
-#pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = to_float(buf.t[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
-    constexpr int N = sizeof(T) * E / 16;
-    union { uint4 u[N]; T t[E]; } buf;
-#pragma unroll
-    for (int i = 0; i < E; ++i) buf.t[i] = from_float<T>(v[i]);
-#pragma unroll
-    for (int i = 0; i < N; ++i) reinterpret_cast<uint4*>(p)[i] = buf.u[i];
-}
-
 __device__ __forceinline__ bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }
 
 // torch.bucketize(v, mid) for finite v: `lut` (kernels/adam.py, _gpu_encode_table) maps

@@ -10,26 +10,6 @@
 
 #define E 8
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
-    constexpr int N = sizeof(T) * E / 16;
-    union { uint4 u[N]; T t[E]; } buf;
-#pragma unroll
-    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
-#pragma unroll
-    for (int i = 0; i < E; ++i) v[i] = to_float(buf.t[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
-    constexpr int N = sizeof(T) * E / 16;
-    union { uint4 u[N]; T t[E]; } buf;
-#pragma unroll
-    for (int i = 0; i < E; ++i) buf.t[i] = from_float<T>(v[i]);
-#pragma unroll
-    for (int i = 0; i < N; ++i) reinterpret_cast<uint4*>(p)[i] = buf.u[i];
-}
-
 // x: n elements; mid: the map's 255 decision boundaries (fp32, sorted);
 // codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned.
 // A block holding NaN or +-Inf gets absmax NaN or Inf and every code zero_code.

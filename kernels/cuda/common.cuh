@@ -41,6 +41,28 @@ template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
     return r;
 }
 
+// 8 consecutive elements of T <-> 8 floats through 16-byte vector accesses; p must be
+// 16-byte aligned (32 for float). Every kernel gives each thread 8 elements.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
+    constexpr int N = sizeof(T) * 8 / 16;
+    union { uint4 u[N]; T t[8]; } buf;
+#pragma unroll
+    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(buf.t[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
+    constexpr int N = sizeof(T) * 8 / 16;
+    union { uint4 u[N]; T t[8]; } buf;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) buf.t[i] = from_float<T>(v[i]);
+#pragma unroll
+    for (int i = 0; i < N; ++i) reinterpret_cast<uint4*>(p)[i] = buf.u[i];
+}
+
 // max that propagates NaN (fmaxf drops it): a block holding a NaN must report NaN.
 __device__ __forceinline__ float nanmax(float a, float b) {
     return (a > b || a != a) ? a : b;

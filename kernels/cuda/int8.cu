@@ -84,16 +84,6 @@ __global__ void select_outliers(int* __restrict__ flags, int* __restrict__ cols,
     if (threadIdx.x == 0) count[0] = base < cap ? base : cap;
 }
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float* v) {
-    constexpr int N = sizeof(T) * 8 / 16;
-    union { uint4 u[N]; T t[8]; } buf;
-#pragma unroll
-    for (int i = 0; i < N; ++i) buf.u[i] = reinterpret_cast<const uint4*>(p)[i];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(buf.t[i]);
-}
-
 // One CTA (256 threads) per token row. slots may be null (threshold 0: no outliers);
 // otherwise slots[k] >= 0 marks an outlier column, whose value goes to xo[m, slots[k]]
 // (fp32, the float half of the decomposition) and whose code is 0.
