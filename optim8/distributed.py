@@ -24,8 +24,9 @@ different block counts), so it is returned as a DTensor of global shape
 those leading dims (replicated over replicated mesh dims, as HSDP replicas hold equal
 state), each row zero-padded to ``max_blocks``, the block count of the largest shard
 (shard 0). :func:`restore_state` undoes all of this on load. Because the absmax rows belong
-to shards, such a checkpoint resumes on the same mesh shape; loading it into another world
-size fails in DCP with "Size mismatch" on an ``*_absmax`` entry rather than misreading it.
+to shards, such a checkpoint resumes on the same mesh shape (and sharding); loading it with
+another world size fails in DCP with "Size mismatch" on an ``*_absmax`` entry rather than
+misreading it.
 
 Usage (all collective; see the README)::
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import math
 import sys
+
 import torch
 
 __all__ = ["local_tensor", "is_dtensor", "checkpoint_state", "restore_state", "checkpoint_state_dict", "fully_shard"]
