@@ -11,27 +11,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 
 import torch
 
 from optim8.kernels import dequantize_blockwise, quantize_blockwise
+from _common import cuda_time_ms, write_report
 
-
-def cuda_time_ms(fn, warmup=3, iters=20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main():
@@ -81,11 +66,7 @@ def main():
     ]
     for name, ms, gbs in rows:
         lines.append(f"| {name} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

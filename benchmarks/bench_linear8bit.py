@@ -20,32 +20,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 
 import torch
 from torch import nn
 
 from optim8 import Linear8bitLt
+import functools
+
+from _common import cuda_time_ms as _cuda_time_ms
+from _common import write_report
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 TOKENS = [1, 16, 256, 2048, 8192]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+cuda_time_ms = functools.partial(_cuda_time_ms, warmup=5, iters=30)
 
-
-def cuda_time_ms(fn, warmup=5, iters=30) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def graphed(fn):
@@ -212,11 +201,7 @@ def main():
         "| --- | --- | --- | --- | --- | --- |",
         *err_rows,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

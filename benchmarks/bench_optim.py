@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 import time
 
 import torch
 
 import optim8
+from _common import cuda_time_ms, write_report
 
 
 def tinyllama_shapes(hidden=2048, layers=22, mlp=5632, kv_heads=4, head_dim=64, vocab=32000):
@@ -34,21 +34,6 @@ def tinyllama_shapes(hidden=2048, layers=22, mlp=5632, kv_heads=4, head_dim=64, 
     shapes += [(hidden,), (vocab, hidden)]
     return shapes
 
-
-def cuda_time_ms(fn, warmup=3, iters=20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def host_ms(fn, iters=10) -> float:
@@ -150,11 +135,7 @@ def main():
         if bnb is None:
             lines.append("| bitsandbytes AdamW8bit | | | | | not installed |")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import pathlib
 import time
 
 import torch
 
 import optim8
+from _common import write_report
 
 
 def build_model():
@@ -109,11 +109,7 @@ def main():
             lines.append(f"| {name} | | | | | {note} |")
         else:
             lines.append(f"| {name} | {tps:,.0f} | {tps / base:.2f} | {peak:.2f} | {sb:.2f} | {note} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

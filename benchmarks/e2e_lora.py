@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import pathlib
 import time
 
 import torch
 from torch import nn
 
 import optim8
+from _common import write_report
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ = 4, 1024
@@ -180,11 +180,7 @@ def main():
             f"| {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['peak_gib'] - base['peak_gib']:+.2f} "
             f"| {r['linear_weight_gib']:.2f} | {r['loss']:.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":
