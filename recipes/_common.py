@@ -464,13 +464,21 @@ def plot_losses(record: RunRecord, log_history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = zip(*train_losses(log_history)) if train_losses(log_history) else ((), ())
+    import textwrap
+
+    points = train_losses(log_history)
+    steps, losses = zip(*points) if points else ((), ())
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(steps, losses, marker="o", markersize=3, linewidth=1.2, label="train loss")
+    ax.plot(steps, losses, marker="o", markersize=3, linewidth=0.8, alpha=0.5, label="train loss (per logged step)")
+    window = max(1, len(losses) // 8)
+    if window > 1:
+        # A few blocks per step make the per-step loss noisy; the running mean shows the trend.
+        means = [sum(losses[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+        ax.plot(steps, means, linewidth=2, color="tab:blue", label=f"train loss, running mean of {window}")
     ax.plot([0, record.steps], [record.eval_loss_before, record.eval_loss_after], "s--", color="tab:red", label="eval loss (before / after)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(f"{record.recipe}: {record.optimizer} on {record.device}", fontsize=9)
+    ax.set_title(textwrap.fill(f"{record.recipe}: {record.optimizer} on {record.device}", 90), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
