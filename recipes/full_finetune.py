@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="full_finetune.py",
         description="Full fine-tune or pretraining of a causal LM with optim8.AdamW8bit or torch.optim.AdamW, through Trainer.",
     )
-    common.add_common_arguments(parser, recipe=RECIPE, max_steps=5, seq_len=64, batch_size=4, lr=1e-4)
+    common.add_common_arguments(parser, recipe=RECIPE, max_steps=40, seq_len=64, batch_size=4, lr=5e-5)
     group = parser.add_argument_group("optimizer and model")
     group.add_argument("--optim", default="adamw8bit", choices=["adamw8bit", "adamw"], help=(
         "adamw8bit: optim8.AdamW8bit (8-bit moments); adamw: torch.optim.AdamW (32-bit moments) (default: %(default)s)"))

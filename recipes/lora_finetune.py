@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lora_finetune.py",
         description="LoRA fine-tune of an int8 (LLM.int8()) causal LM with optim8.AdamW8bit and Trainer.",
     )
-    common.add_common_arguments(parser, recipe=RECIPE, max_steps=8, seq_len=64, batch_size=4, lr=1e-3)
+    common.add_common_arguments(parser, recipe=RECIPE, max_steps=64, seq_len=64, batch_size=4, lr=1e-3)
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=int, default=16, help="adapter rank (default: %(default)s)")
     lora.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale numerator; scale = alpha / r (default: %(default)s)")
