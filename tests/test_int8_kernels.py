@@ -345,3 +345,16 @@ def test_int8_linear_refuses_mismatched_operands():
         int8.int8_linear(torch.randn(4, 16), q.float(), scb)
     with pytest.raises(ValueError, match="one device"):
         int8.int8_linear(torch.randn(4, 16, device="meta"), q, scb)
+
+
+def test_int8_gemm_reference_is_exact_under_autocast():
+    """The CPU int8 GEMM (fp32 chunks, not torch._int_mm, which corrupted the heap in torch 2.13)
+    must stay exact for long rows and inside an autocast region that would round matmuls to bf16."""
+    from optim8.kernels.int8 import _int_mm_exact
+
+    a = torch.randint(-127, 128, (37, 3001), dtype=torch.int8)
+    b = torch.randint(-127, 128, (19, 3001), dtype=torch.int8)
+    exact = (a.long() @ b.long().t()).int()
+    assert torch.equal(_int_mm_exact(a, b), exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(_int_mm_exact(a, b), exact)
