@@ -50,19 +50,6 @@ __device__ __forceinline__ void load_codes(const u8* __restrict__ src, i64 base,
     }
 }
 
-__device__ __forceinline__ void store_codes(u8* __restrict__ dst, i64 base, i64 n, bool vec, const int* c) {
-    if (vec) {
-        uint2 packed;
-        packed.x = c[0] | (c[1] << 8) | (c[2] << 16) | ((unsigned int)c[3] << 24);
-        packed.y = c[4] | (c[5] << 8) | (c[6] << 16) | ((unsigned int)c[7] << 24);
-        *reinterpret_cast<uint2*>(dst + base) = packed;
-    } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i)
-            if (base + i < n) dst[base + i] = (u8)c[i];
-    }
-}
-
 template <typename T>
 __device__ __forceinline__ void load_vals(const T* __restrict__ src, i64 base, i64 n, bool vec, float* x) {
     if (vec) {

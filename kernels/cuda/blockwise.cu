@@ -55,25 +55,16 @@ __global__ void quantize_blockwise(const T* __restrict__ x, const float* __restr
     if (q >= nblocks) return;
     if (lane == 0) absmax[q] = m;
 
-    u8 c[E];
+    int c[E];
     if (!(m <= 3.402823466e38f)) {  // NaN or Inf in this block
 #pragma unroll
-        for (int i = 0; i < E; ++i) c[i] = (u8)zero_code;
+        for (int i = 0; i < E; ++i) c[i] = zero_code;
     } else {
         const float inv = m > 0.0f ? 1.0f / m : 1.0f;
 #pragma unroll
-        for (int i = 0; i < E; ++i) c[i] = (u8)nearest_code(smid, v[i] * inv);
+        for (int i = 0; i < E; ++i) c[i] = nearest_code(smid, v[i] * inv);
     }
-    if (base + E <= n) {
-        uint2 packed;
-        packed.x = c[0] | (c[1] << 8) | (c[2] << 16) | ((unsigned int)c[3] << 24);
-        packed.y = c[4] | (c[5] << 8) | (c[6] << 16) | ((unsigned int)c[7] << 24);
-        *reinterpret_cast<uint2*>(codes + base) = packed;
-    } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i)
-            if (base + i < n) codes[base + i] = c[i];
-    }
+    store_codes(codes, base, n, base + E <= n, c);
 }
 
 // codes: n bytes (8-byte aligned when `aligned`); qmap: 256 floats; out: n elements.

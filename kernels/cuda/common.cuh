@@ -63,6 +63,20 @@ __device__ __forceinline__ void store8(T* __restrict__ p, const float* v) {
     for (int i = 0; i < N; ++i) reinterpret_cast<uint4*>(p)[i] = buf.u[i];
 }
 
+// 8 codes (one per int) to bytes: one 8-byte store when `vec`, else bounds-checked bytes.
+__device__ __forceinline__ void store_codes(u8* __restrict__ dst, i64 base, i64 n, bool vec, const int* c) {
+    if (vec) {
+        uint2 packed;
+        packed.x = c[0] | (c[1] << 8) | (c[2] << 16) | ((unsigned int)c[3] << 24);
+        packed.y = c[4] | (c[5] << 8) | (c[6] << 16) | ((unsigned int)c[7] << 24);
+        *reinterpret_cast<uint2*>(dst + base) = packed;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (base + i < n) dst[base + i] = (u8)c[i];
+    }
+}
+
 // max that propagates NaN (fmaxf drops it): a block holding a NaN must report NaN.
 __device__ __forceinline__ float nanmax(float a, float b) {
     return (a > b || a != a) ? a : b;
