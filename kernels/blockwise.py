@@ -25,6 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+if not __name__.startswith("optim8."):  # see kernels/__init__.py: a second copy of the ops would free the first
+    raise ImportError(f"{__name__} is part of optim8: import optim8.kernels, not the top-level 'kernels'")
+
 from . import _cupy
 from .quant_map import map_boundaries, map_on, zero_code
 

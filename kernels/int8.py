@@ -53,6 +53,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+if not __name__.startswith("optim8."):  # see kernels/__init__.py: a second copy of the ops would free the first
+    raise ImportError(f"{__name__} is part of optim8: import optim8.kernels, not the top-level 'kernels'")
+
 from . import _cupy
 
 __all__ = [
@@ -128,15 +131,13 @@ def quantize_activations_reference(
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a[M, K] @ b[N, K]^T`` of int8 matrices, exactly, in int32 (any device, any shape)."""
-    if a.device.type == "cuda":
+    if a.device.type in ("cuda", "cpu"):
         try:
             return torch._int_mm(a, b.t())
         except RuntimeError:
             pass  # a shape cuBLASLt's int8 GEMM refuses: the exact fp32 route below
-    # Not torch._int_mm on the CPU: in torch 2.13 it corrupted the heap (segfaults and
-    # "vector::reserve" errors in later, unrelated ops of the same process; gone when
-    # avoided). fp32 products of int8 values are exact, and so is every partial sum of a
-    # chunk while |sum| < 2**24, i.e. for chunks of at most 2**24 / 127**2 = 1040 columns.
+    # fp32 products of int8 values are exact, and so is every partial sum of a chunk while
+    # |sum| < 2**24, i.e. for chunks of at most 2**24 / 127**2 = 1040 columns.
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
     with torch.autocast(a.device.type, enabled=False):  # an autocast matmul would round to bf16
         for k0 in range(0, a.shape[1], 1024):

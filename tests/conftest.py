@@ -1,28 +1,5 @@
-import os
-
-# Ask NVML, not the CUDA runtime, whether a GPU exists: that check leaves no CUDA context in
-# this process, so tests may still run in forked children (below).
-os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-def pytest_configure(config):
-    """On machines without a GPU, run every test in a forked child (pytest-forked, in the dev extra).
-
-    Why: on torch 2.13 (CPU build), long single-process runs that mix Hugging Face model loading
-    and saving with optim8's custom ops intermittently crashed in later, unrelated custom-op calls
-    (segfaults, std::bad_alloc / vector::reserve raised from the dispatcher): heap corruption whose
-    source is not found yet (torch._int_mm on the CPU was one source and is no longer used). One
-    child per test keeps one test's damage from failing another. GPU machines run in-process (a
-    forked child cannot use CUDA once the parent has); ``-p no:forked`` or OPTIM8_TEST_NO_FORK=1
-    turns it off.
-    """
-    if os.environ.get("OPTIM8_TEST_NO_FORK") or torch.cuda.is_available():
-        return
-    if config.pluginmanager.hasplugin("pytest_forked") and hasattr(config.option, "forked"):
-        config.option.forked = True
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):

@@ -347,11 +347,18 @@ def test_int8_linear_refuses_mismatched_operands():
         int8.int8_linear(torch.randn(4, 16, device="meta"), q, scb)
 
 
-def test_int8_gemm_reference_is_exact_under_autocast():
-    """The CPU int8 GEMM (fp32 chunks, not torch._int_mm, which corrupted the heap in torch 2.13)
-    must stay exact for long rows and inside an autocast region that would round matmuls to bf16."""
+@pytest.mark.parametrize("int_mm", ["torch", "refused"])
+def test_int8_gemm_reference_is_exact_under_autocast(int_mm, monkeypatch):
+    """The int8 GEMM must stay exact for long rows and inside an autocast region that would round
+    float matmuls to bf16, through torch._int_mm and through the fp32-chunk fallback."""
     from optim8.kernels.int8 import _int_mm_exact
 
+    if int_mm == "refused":
+
+        def refuse(*args):
+            raise RuntimeError("shape not supported")
+
+        monkeypatch.setattr(torch, "_int_mm", refuse)
     a = torch.randint(-127, 128, (37, 3001), dtype=torch.int8)
     b = torch.randint(-127, 128, (19, 3001), dtype=torch.int8)
     exact = (a.long() @ b.long().t()).int()
