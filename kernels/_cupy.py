@@ -52,6 +52,11 @@ def register(name: str, name_expressions: tuple[str, ...] = ()) -> tuple[str, ..
     return SOURCES[name]
 
 
+# --fmad=false: the kernels must compute the PyTorch references' bits, and a contracted
+# multiply-add rounds once where the reference rounds twice.
+NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
+
+
 def check_compiles(name: str, arch: str = "compute_90") -> str:
     """Compile ``cuda/<name>`` to PTX with NVRTC without touching a GPU; return the PTX.
 
@@ -64,7 +69,7 @@ def check_compiles(name: str, arch: str = "compute_90") -> str:
         for expr in SOURCES.get(name, ()):
             nvrtc.addNameExpression(prog, expr)
         try:
-            nvrtc.compileProgram(prog, ["-std=c++17", f"-arch={arch}"])
+            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"-arch={arch}"])
         except Exception as exc:
             raise RuntimeError(f"{name} failed to compile:\n{nvrtc.getProgramLog(prog)}") from exc
         ptx = nvrtc.getPTX(prog)
@@ -113,7 +118,7 @@ def _module(name: str, name_expressions: tuple[str, ...], device: int):
                 with cp.cuda.Device(device):
                     mod = cp.RawModule(
                         code=text,
-                        options=("-std=c++17",),
+                        options=NVRTC_OPTIONS,
                         name_expressions=name_expressions or None,
                     )
                     mod.compile()

@@ -221,13 +221,13 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, b
         torch.mul(blocks, inv[:nbf, None], out=scaled[:full].view(nbf, blocksize))
     if full < n:
         torch.mul(x[full:], inv[nbf:], out=scaled[full:])
-    finite = torch.isfinite(absmax)
-    all_finite = bool(finite.all())
-    if not all_finite:  # a non-finite block stores zero codes (its scaled values are NaN)
+    ok = torch.isfinite(absmax) & torch.isfinite(inv)
+    all_ok = bool(ok.all())
+    if not all_ok:  # a non-finite or tiny block stores zero codes (its scaled values are not finite)
         scaled.nan_to_num_(0.0, 0.0, 0.0)
     codes.copy_(_encode(scaled, signed))
-    if not all_finite:
-        bad = (~finite).repeat_interleave(blocksize)[:n]
+    if not all_ok:
+        bad = (~ok).repeat_interleave(blocksize)[:n]
         codes[bad] = zero_code(signed)
 
 
@@ -337,6 +337,8 @@ def _table(device: torch.device, rows: list[tuple[int, ...]], starts: list[int])
         if len(_tables) >= _TABLE_CACHE_SIZE:
             _tables.pop(next(iter(_tables)))
         _tables[key] = table
+    # a step on another stream than the table's: its memory must outlive that use if evicted
+    table.record_stream(torch.cuda.current_stream(device))
     return table
 
 
@@ -347,7 +349,8 @@ def _grid_limit(fn_ptr: int, device_index: int) -> int:
     try:
         from cupy.cuda import driver
 
-        per_sm = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(fn_ptr, 256, 0))
+        with _cupy.cupy().cuda.Device(device_index):  # the function belongs to this device's context
+            per_sm = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(fn_ptr, 256, 0))
     except Exception:  # older CuPy without the occupancy API: a safe default
         pass
     return props.multi_processor_count * per_sm

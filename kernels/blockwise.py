@@ -14,6 +14,8 @@ Algorithm, per block (identical in the PyTorch reference and the CUDA kernel):
 Non-finite input: a block that holds a NaN or an infinity is stored with
 ``absmax = NaN`` (or ``+inf``) and every code at the map's zero entry, so it
 dequantizes to NaN throughout (``0 * inf`` is NaN too). No other block is affected.
+A block whose absmax is below ``2**-128`` (``1 / absmax`` overflows fp32) also stores
+every code at the zero entry, and keeps its absmax: it dequantizes to zeros.
 
 Dtypes: fp32, fp16 and bf16 are read natively (converted to fp32 in registers). Other
 dtypes (float64, integers) raise ``TypeError``: convert with ``x.float()`` first.
@@ -71,11 +73,11 @@ def quantize_blockwise_reference(x: torch.Tensor, blocksize: int, signed: bool) 
     blocks = flat.view(nb, blocksize)
     # amax propagates NaN, like the kernel's nanmax
     absmax = blocks.abs().amax(dim=1) if nb else torch.empty(0, device=x.device)
-    finite = torch.isfinite(absmax)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
+    ok = torch.isfinite(absmax) & torch.isfinite(inv)
     scaled = blocks * inv[:, None]
     codes = torch.bucketize(scaled, map_boundaries(signed, x.device), right=False)
-    codes = torch.where(finite[:, None], codes, zero_code(signed)).to(torch.uint8)
+    codes = torch.where(ok[:, None], codes, zero_code(signed)).to(torch.uint8)
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
 
 

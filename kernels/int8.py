@@ -91,6 +91,18 @@ _QUANT_CHUNK_ELEMENTS = 1 << 24
 # ---------------------------------------------------------------------------- references
 
 
+def _div(a, b) -> torch.Tensor:
+    """``a / b`` correctly rounded in fp32 on every device, for a tensor and a Python float.
+
+    Neither plain form is: ``127.0 / t`` runs as ``t.reciprocal() * 127`` (two roundings), and
+    on CUDA ``t / 127.0`` multiplies by the rounded reciprocal. A same-shaped tensor operand
+    takes the true division, which is what the CUDA kernels compute (``__fdiv_rn``).
+    """
+    if isinstance(a, torch.Tensor):
+        return a / torch.full_like(a, b)
+    return torch.full_like(b, a) / b
+
+
 def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8 quantization of a 2-D float weight (any device); see the module docstring."""
     rows, cols = w.shape
@@ -100,9 +112,11 @@ def quantize_rowwise_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     for r0 in range(0, rows, step):
         block = w[r0 : r0 + step].float()
         absmax = block.abs().amax(dim=1) if cols else torch.zeros(block.shape[0], device=w.device)
-        inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-        q[r0 : r0 + step] = torch.round(block * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-        scb[r0 : r0 + step] = absmax / 127.0
+        inv = torch.where(absmax > 0, _div(127.0, absmax), torch.zeros_like(absmax))
+        # nan_to_num: a row so small (absmax < 2**-128) that 127 / absmax overflows stores zeros
+        scaled = torch.nan_to_num(block * inv[:, None], nan=0.0, posinf=0.0, neginf=0.0)
+        q[r0 : r0 + step] = torch.round(scaled).clamp_(-127, 127).to(torch.int8)
+        scb[r0 : r0 + step] = _div(absmax, 127.0)
     return q, scb
 
 
@@ -123,10 +137,10 @@ def quantize_activations_reference(
     # amax propagates NaN like the kernel's nanmax; an empty row (K == 0) has amax 0.
     amax = kept.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
     usable = (amax > 0) & torch.isfinite(amax)
-    inv = torch.where(usable, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(usable, _div(127.0, amax), torch.zeros_like(amax))
     scaled = torch.nan_to_num(kept * inv[:, None], nan=0.0, posinf=0.0, neginf=0.0)
     xq = torch.round(scaled).clamp_(-127, 127).to(torch.int8)
-    return xq, amax / 127.0, outlier
+    return xq, _div(amax, 127.0), outlier
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -223,7 +237,7 @@ def _quantize_activations_cuda(x: torch.Tensor, threshold: float, k_padded: int)
         cols = torch.empty(cap, dtype=torch.int32, device=x.device)
         count = torch.empty(1, dtype=torch.int32, device=x.device)
         xo = torch.empty((m, cap), dtype=torch.float32, device=x.device)
-        rows = 64
+        rows = max(64, -(-m // 65535))  # rows per CTA; gridDim.y may not exceed 65535
         grid = ((k + 255) // 256, (m + rows - 1) // rows)
         args = (_cupy.ptr(x), _cupy.ptr(slots), np.int64(m), np.int32(k), np.float32(threshold), np.int32(rows))
         _launch(f"outlier_columns<{ctype}>", grid, 256, args, x.device)
@@ -536,6 +550,8 @@ def int8_linear(
         raise ValueError(
             f"int8_linear takes x [M, K] and int8 q [N, K]; got x {tuple(x.shape)} and {q.dtype} q {tuple(q.shape)}"
         )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"int8_linear takes float32, float16 or bfloat16 x, got {x.dtype}; convert it first")
     if x.device != q.device or scb.device != q.device:
         raise ValueError(
             f"int8_linear: x is on {x.device}, q on {q.device}, SCB on {scb.device}; put them on one device"

@@ -174,7 +174,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             # restore_state: DTensor state of an FSDP2 parameter -> this rank's local shard
             for key, value in restore_state(p, saved[pid], blocksize=group.get("blocksize", self.defaults["blocksize"])).items():
                 if isinstance(value, torch.Tensor):
-                    value = value.to(device=local_tensor(p).device, copy=True)
+                    # contiguous: the CUDA kernel reads state as flat arrays
+                    value = value.to(device=local_tensor(p).device, memory_format=torch.contiguous_format, copy=True)
                 restored[key] = value
             self._check_loaded_state(p, group, restored)
             self.state[p] = restored

@@ -149,6 +149,36 @@ def test_nonfinite_stays_in_its_block(bad):
     assert torch.isfinite(y[:256]).all() and torch.isfinite(y[512:]).all()
 
 
+def tiny_block_input(n: int = 1000) -> torch.Tensor:
+    """Block 1 holds only values below 2**-128 (1 / absmax overflows fp32); the rest is ordinary."""
+    x = torch.randn(n)
+    x[256:512] = 0
+    x[[256, 300, 301, 400]] = torch.tensor([1e-39, -1e-40, 5e-40, -2e-39])
+    return x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_tiny_block_stores_zeros(signed):
+    x = tiny_block_input()
+    if not signed:
+        x = x.abs()
+    codes, absmax = quantize_blockwise(x, signed=signed)
+    assert absmax[1] == x[256:512].abs().max() > 0
+    assert torch.all(codes[256:512] == zero_code(signed))
+    y = dequantize_blockwise(codes, absmax, signed=signed)
+    assert torch.all(y[256:512] == 0)
+    # the other blocks are what they are without the tiny one
+    clean = torch.cat([x[:256], x[512:]])
+    c2, a2 = quantize_blockwise(clean, signed=signed)
+    assert torch.equal(codes[:256], c2[:256]) and torch.equal(codes[512:768], c2[256:512])
+    # the optimizer's fast CPU quantizer agrees
+    from optim8.kernels import adam as A
+
+    fast_codes, fast_absmax = torch.empty(x.numel(), dtype=torch.uint8), torch.empty(absmax.numel())
+    A._quantize_into(x, fast_codes, fast_absmax, 256, signed)
+    assert torch.equal(fast_codes, codes) and torch.equal(fast_absmax, absmax)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8, torch.bool])
 def test_unsupported_dtypes_raise(dtype):
     x = torch.ones(10, dtype=dtype)
@@ -231,6 +261,16 @@ def test_cuda_misaligned_views_and_nonfinite():
     assert torch.equal(codes.cpu(), codes_ref)
     full = dequantize_blockwise(codes, absmax)
     torch.testing.assert_close(full.cpu(), dequantize_blockwise(codes_ref, absmax_ref), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("blocksize", [256, 1024])
+def test_cuda_tiny_block_stores_zeros(blocksize):
+    x = tiny_block_input(3 * blocksize + 5)
+    codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize)
+    codes, absmax = quantize_blockwise(x.cuda(), blocksize=blocksize)
+    assert torch.equal(absmax.cpu(), absmax_ref)
+    assert torch.equal(codes.cpu(), codes_ref)
 
 
 @pytest.mark.cuda

@@ -56,6 +56,39 @@ def test_quantize_rowwise_refuses_non_finite():
         int8.quantize_rowwise(w)
 
 
+def test_scales_are_correctly_rounded_divisions():
+    """127 / absmax and absmax / 127 are each one correctly rounded fp32 division, on every
+    device (plain ``127.0 / t`` rounds twice, and CUDA's ``t / 127.0`` multiplies by 1/127)."""
+    w = torch.randn(2000, 33) * torch.rand(2000, 1) * 10
+    q, scb = int8.quantize_rowwise(w)
+    absmax = w.abs().amax(dim=1).double()
+    assert torch.equal(scb, (absmax / 127).float())
+    inv = (127 / absmax).float()
+    assert torch.equal(q, torch.round(w * inv[:, None]).to(torch.int8))
+    xq, row_scale, _ = int8.quantize_activations(w, threshold=0.0)
+    assert torch.equal(row_scale, scb) and torch.equal(xq, q)
+
+
+def tiny_rows(rows: int = 6, cols: int = 37) -> torch.Tensor:
+    """Rows 1 and 4 hold only magnitudes below 2**-128, where 127 / absmax overflows fp32."""
+    w = torch.randn(rows, cols)
+    w[1] = torch.randn(cols) * 1e-40
+    w[4] = 0
+    w[4, 3] = -2e-39
+    return w
+
+
+def test_tiny_rows_quantize_to_zero():
+    w = tiny_rows()
+    q, scb = int8.quantize_rowwise(w)
+    assert torch.all(q[[1, 4]] == 0) and torch.all(scb[[1, 4]] > 0)
+    normal = [0, 2, 3, 5]
+    q2, scb2 = int8.quantize_rowwise(w[normal])
+    assert torch.equal(q[normal], q2) and torch.equal(scb[normal], scb2)
+    xq, row_scale, _ = int8.quantize_activations(w, threshold=6.0)
+    assert torch.all(xq[[1, 4]] == 0) and torch.equal(xq[normal], q2)
+
+
 def test_quantize_activations_semantics():
     x = torch.randn(40, 300)
     x[7, 11] = 9.0  # column 11 becomes an outlier column for every row
@@ -180,6 +213,20 @@ def test_cuda_quantize_activations_is_exact(dtype, shape, threshold):
 def test_cuda_dequantize_is_exact(dtype, shape):
     q, scb = int8.quantize_rowwise(torch.randn(*shape, device="cuda"))
     assert torch.equal(int8.dequantize_rowwise(q, scb, dtype=dtype), int8.dequantize_rowwise_reference(q, scb, dtype))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_tiny_rows_match_reference(dtype):
+    w = tiny_rows(6, 4096).to(dtype)  # 4096 columns: the vectorized kernel path; 37: the scalar one
+    for x in (w.cuda(), w[:, :37].contiguous().cuda()):
+        got = int8.quantize_activations(x, threshold=6.0)
+        expected = int8.quantize_activations_reference(x, 6.0)
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e)
+        q, scb = int8.quantize_rowwise(x)
+        q_cpu, scb_cpu = int8.quantize_rowwise(x.cpu())
+        assert torch.equal(q.cpu(), q_cpu) and torch.equal(scb.cpu(), scb_cpu)
 
 
 @cuda
@@ -345,6 +392,8 @@ def test_int8_linear_refuses_mismatched_operands():
         int8.int8_linear(torch.randn(4, 16), q.float(), scb)
     with pytest.raises(ValueError, match="one device"):
         int8.int8_linear(torch.randn(4, 16, device="meta"), q, scb)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16 x, got torch.float64"):
+        int8.int8_linear(torch.randn(4, 16, dtype=torch.float64), q, scb)
 
 
 @pytest.mark.parametrize("int_mm", ["torch", "refused"])

@@ -33,7 +33,7 @@ __device__ __forceinline__ int encode(const u8* __restrict__ lut, const float* _
     e = e < 0 ? 0 : (e >= LUT_NEXP ? LUT_NEXP - 1 : e);
     const int m7 = e == 0 ? 0 : (int)((b >> 16) & 0x7fu);
     int c = lut[((int)(b >> 31) * LUT_NEXP + e) * 128 + m7];
-    while (c < 255 && mid[c] < v) ++c;
+    while (c < 255 && !(mid[c] >= v)) ++c;  // NaN counts every boundary, as torch.bucketize does
     return c;
 }
 
@@ -79,11 +79,12 @@ __device__ __forceinline__ float quantize8(const u8* __restrict__ lut, const flo
 #pragma unroll
     for (int i = 0; i < E; ++i) a = nanmax(a, fabsf(x[i]));
     a = group_nanmax<TPB>(a);
-    if (!(a <= 3.402823466e38f)) {  // NaN or Inf in the block (only from corrupt old state)
+    const float inv = a > 0.0f ? 1.0f / a : 1.0f;
+    // NaN or Inf in the block (only from corrupt old state), or a < 2**-128: all zero codes
+    if (!(a <= 3.402823466e38f) || !(inv <= 3.402823466e38f)) {
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = zero;
     } else {
-        const float inv = a > 0.0f ? 1.0f / a : 1.0f;
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = encode(lut, mid, __fmul_rn(x[i], inv));
     }
@@ -150,8 +151,11 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
             load_codes(reinterpret_cast<const u8*>(row[3]), base, n, vec, cv);
 #pragma unroll
             for (int i = 0; i < E; ++i) {
-                m[i] = __fmul_rn(smap1[cm[i]], am);
-                v[i] = __fmul_rn(smap2[cv[i]], av);
+                // past the end: exact zeros, as the reference pads (code 0 of the signed map
+                // is -0.993, which would leak into the last block's new absmax)
+                const bool in = base + i < n;
+                m[i] = in ? __fmul_rn(smap1[cm[i]], am) : 0.0f;
+                v[i] = in ? __fmul_rn(smap2[cv[i]], av) : 0.0f;
             }
         } else {
             load_vals(reinterpret_cast<const float*>(row[2]), base, n, vec, m);

@@ -12,7 +12,8 @@
 
 // x: n elements; mid: the map's 255 decision boundaries (fp32, sorted);
 // codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned.
-// A block holding NaN or +-Inf gets absmax NaN or Inf and every code zero_code.
+// A block holding NaN or +-Inf gets absmax NaN or Inf and every code zero_code; so does a
+// block whose absmax is below 2**-128 (1 / absmax overflows), keeping its tiny absmax.
 template <typename T, int BLOCK>
 __global__ void quantize_blockwise(const T* __restrict__ x, const float* __restrict__ mid,
                                    u8* __restrict__ codes, float* __restrict__ absmax,
@@ -45,22 +46,25 @@ __global__ void quantize_blockwise(const T* __restrict__ x, const float* __restr
         m = group_nanmax<TPB>(m);
         __syncthreads();  // smid is complete
     } else {
+        // a quantization block spans WPB whole warps; a CTA may hold several blocks (QPC)
+        constexpr int WPB = TPB / 32;
         m = group_nanmax<32>(m);
         if ((threadIdx.x & 31) == 0) swarp[threadIdx.x >> 5] = m;
         __syncthreads();  // swarp and smid are complete
-        m = swarp[0];
+        const int w0 = (threadIdx.x / TPB) * WPB;  // this block's first warp
+        m = swarp[w0];
 #pragma unroll
-        for (int w = 1; w < CTA / 32; ++w) m = nanmax(m, swarp[w]);
+        for (int w = 1; w < WPB; ++w) m = nanmax(m, swarp[w0 + w]);
     }
     if (q >= nblocks) return;
     if (lane == 0) absmax[q] = m;
 
     int c[E];
-    if (!(m <= 3.402823466e38f)) {  // NaN or Inf in this block
+    const float inv = m > 0.0f ? 1.0f / m : 1.0f;
+    if (!(m <= 3.402823466e38f) || !(inv <= 3.402823466e38f)) {  // NaN/Inf in the block, or m < 2**-128
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = zero_code;
     } else {
-        const float inv = m > 0.0f ? 1.0f / m : 1.0f;
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = nearest_code(smid, v[i] * inv);
     }

@@ -84,12 +84,12 @@ __device__ __forceinline__ float nanmax(float a, float b) {
 
 // Number of the 255 sorted decision boundaries `mid` that lie strictly below v:
 // the index of v's nearest entry in the 256-entry map (ties go to the lower entry).
-// Same answer as torch.bucketize(v, mid, right=False).
+// Same answer as torch.bucketize(v, mid, right=False), NaN included (255).
 __device__ __forceinline__ int nearest_code(const float* __restrict__ mid, float v) {
     int idx = 0;
 #pragma unroll
     for (int step = 128; step > 0; step >>= 1) {
-        if (mid[idx + step - 1] < v) idx += step;
+        if (!(mid[idx + step - 1] >= v)) idx += step;
     }
     return idx;
 }

@@ -139,16 +139,20 @@ __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ s
             union { uint2 u; i8 b[8]; } pack;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                const bool kept = usable && (slots == nullptr || slots[k + i] < 0);
-                const float t = kept ? fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -127.0f), 127.0f) : 0.0f;
+                const float p = __fmul_rn(v[i], inv);
+                // |p| <= FLT_MAX: inv overflows for amax < 2**-128 and the reference's
+                // nan_to_num then stores 0, as for NaN
+                const bool kept = usable && (slots == nullptr || slots[k + i] < 0) && fabsf(p) <= 3.402823466e38f;
+                const float t = kept ? fminf(fmaxf(rintf(p), -127.0f), 127.0f) : 0.0f;
                 pack.b[i] = (i8)(int)t;
             }
             *reinterpret_cast<uint2*>(qrow + k) = pack.u;
         }
     } else {
         for (int k = threadIdx.x; k < Kp; k += 256) {
-            const bool kept = usable && k < K && (slots == nullptr || slots[k] < 0);
-            const float t = kept ? fminf(fmaxf(rintf(__fmul_rn(to_float(row[k]), inv)), -127.0f), 127.0f) : 0.0f;
+            const float p = k < K ? __fmul_rn(to_float(row[k]), inv) : 0.0f;
+            const bool kept = usable && k < K && (slots == nullptr || slots[k] < 0) && fabsf(p) <= 3.402823466e38f;
+            const float t = kept ? fminf(fmaxf(rintf(p), -127.0f), 127.0f) : 0.0f;
             qrow[k] = (i8)(int)t;
         }
     }
@@ -212,7 +216,9 @@ __global__ void dequantize_rows(const i8* __restrict__ q, const float* __restric
 // lanes' float4 reads hit distinct banks. Weights are read once, straight from their
 // int8 storage (half the bytes of fp16), which is why this beats an fp16 GEMV.
 // out[m, n] = (sum_k x[m, k] * q[n, k]) * SCB[n] + bias[n], fp32 accumulation (per-lane
-// partial sums, then a butterfly over the warp), rounded once to T.
+// partial sums, then a butterfly over the warp), rounded once to T. The accumulation uses
+// explicit FMAs (the module is compiled with --fmad=false): at 16 tokens this loop, not the
+// weight reads, bounds the kernel. The reference sums in another order anyway (a matmul).
 // Four int8 (one 32-bit word) to exact floats without the slow I2F unit: flipping each
 // byte's sign bit gives u = b + 128 in [0, 255]; the float with bit pattern 0x4B0000uu is
 // 2^23 + u, and subtracting 2^23 + 128 leaves b. One PRMT and one FADD per value.
@@ -283,7 +289,7 @@ __global__ void __launch_bounds__(256) gemv_int8(const T* __restrict__ x, const 
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
-                for (int j = 0; j < 16; ++j) acc[r][m] += xv[j] * wf[r][j];
+                for (int j = 0; j < 16; ++j) acc[r][m] = __fmaf_rn(xv[j], wf[r][j], acc[r][m]);
         }
     }
 #pragma unroll
