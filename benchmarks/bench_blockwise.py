@@ -44,15 +44,16 @@ def main():
     rows.append(("optim8 dequantize_blockwise", ms, q_bytes / ms / 1e6))
 
     try:
+        import bitsandbytes
         import bitsandbytes.functional as bnbf
 
         code = bnbf.create_dynamic_map(signed=True).cuda()
         c2, state = bnbf.quantize_blockwise(x, code=code, blocksize=bs)
         ms = cuda_time_ms(lambda: bnbf.quantize_blockwise(x, code=code, blocksize=bs))
-        rows.append((f"bitsandbytes {bnbf.__name__.split('.')[0]} quantize_blockwise", ms, q_bytes / ms / 1e6))
+        rows.append((f"bitsandbytes {bitsandbytes.__version__} quantize_blockwise", ms, q_bytes / ms / 1e6))
         ms = cuda_time_ms(lambda: bnbf.dequantize_blockwise(c2, state))
         rows.append(("bitsandbytes dequantize_blockwise", ms, q_bytes / ms / 1e6))
-    except ImportError:
+    except Exception:  # not installed, or installed without a matching CUDA library
         rows.append(("bitsandbytes (not installed)", float("nan"), float("nan")))
 
     device = torch.cuda.get_device_name()

@@ -77,11 +77,13 @@ def bench(name, make_opt, shapes, dtype):
     n = sum(p.numel() for p in params)
     try:
         opt = make_opt(params)
-    except Exception as exc:  # e.g. torch fused AdamW refusing a dtype
-        return (name, float("nan"), float("nan"), float("nan"), f"failed: {exc}")
-    ms = cuda_time_ms(opt.step)
-    hms = host_ms(opt.step)
+        ms = cuda_time_ms(opt.step)
+        hms = host_ms(opt.step)
+    except Exception as exc:  # e.g. torch fused AdamW refusing a dtype, or a kernel failing
+        print(f"{name} ({dtype}): failed: {type(exc).__name__}: {exc}", flush=True)
+        return (name, float("nan"), float("nan"), float("nan"), f"failed: {type(exc).__name__}: {exc}"[:200])
     sb = state_bytes(opt) / n
+    print(f"{name} ({dtype}): {ms:.2f} ms/step", flush=True)
     del opt, params
     torch.cuda.empty_cache()
     return (name, ms, hms, sb, "")
@@ -116,8 +118,9 @@ def main():
         esize = torch.finfo(dtype).bits // 8
         floor_bytes = n * (3 * esize + 4) + 2 * 2 * 4 * sum((torch.Size(s).numel() + 255) // 256 for s in shapes)
         floor_ms = floor_bytes / copy_gbs / 1e6
-        rows = [bench("optim8 AdamW8bit", lambda ps: optim8.AdamW8bit(ps, **hp), shapes, dtype)]
-        rows.append(bench("torch AdamW (fused=True)", lambda ps: torch.optim.AdamW(ps, fused=True, **hp), shapes, dtype))
+        # torch first: a CUDA error is sticky, and it must not cost the baseline
+        rows = [bench("torch AdamW (fused=True)", lambda ps: torch.optim.AdamW(ps, fused=True, **hp), shapes, dtype)]
+        rows.append(bench("optim8 AdamW8bit", lambda ps: optim8.AdamW8bit(ps, **hp), shapes, dtype))
         rows.append(bench("optim8 AdamW32bit (same kernel, fp32 state)", lambda ps: optim8.AdamW32bit(ps, **hp), shapes, dtype))
         if bnb is not None:
             rows.append(bench(f"bitsandbytes {bnb.__version__} AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, **hp), shapes, dtype))

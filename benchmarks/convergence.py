@@ -177,7 +177,8 @@ def main():
     final8 = runs["adamw8"][0]["eval_loss"][-1]
     rel = (final8 - final32) / final32
     RESULTS.mkdir(exist_ok=True)
-    stem = "convergence" + (f"_{args.tag}" if args.tag else "")
+    tag = args.tag or ("cuda" if device.type == "cuda" else "")  # a GPU run keeps the CPU results
+    stem = "convergence" + (f"_{tag}" if tag else "")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     record = {
         "config": vars(args),

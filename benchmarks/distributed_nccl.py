@@ -156,7 +156,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         start = time.perf_counter()
-        report = T.launch(out, names, world=world, backend=backend, device=device, script=__file__, timeout_s=540)
+        report = T.launch(out, names, world=world, backend=backend, device=device, script=__file__, timeout_s=240)
         seconds = time.perf_counter() - start
         failed = {n: r["error"] for n, r in report.items() if not r["ok"]}
         for name, error in failed.items():

@@ -13,6 +13,7 @@ over the whole run of that optimizer.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import datetime
 import gc
 import time
@@ -39,6 +40,8 @@ def run(name, make_opt, args):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    if name.startswith("bitsandbytes") and importlib.util.find_spec("bitsandbytes") is None:
+        return name, None, None, None, "not installed"
     model = build_model()
     model.train()
     try:
@@ -58,14 +61,20 @@ def run(name, make_opt, args):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t
+    try:
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t
+    except Exception as exc:  # keep the other rows of the table
+        del model, opt
+        print(f"{name}: failed: {type(exc).__name__}: {exc}", flush=True)
+        return name, None, None, None, f"failed: {type(exc).__name__}: {exc}"[:200]
+    print(f"{name}: {args.steps * tokens / elapsed:,.0f} tokens/s", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     state = sum(x.numel() * x.element_size() for s in opt.state.values() for x in s.values() if isinstance(x, torch.Tensor) and x.dim() > 0)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -76,7 +85,7 @@ def run(name, make_opt, args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)

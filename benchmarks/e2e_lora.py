@@ -1,6 +1,6 @@
 """End to end: LoRA r=16 on every linear layer of a 1.1B Llama-shaped model, fp16/bf16 base vs int8 base.
 
-    python benchmarks/e2e_lora.py [--steps 20] [--dtype fp16] [--out benchmarks/results/e2e_lora.md]
+    python benchmarks/e2e_lora.py [--steps 20] [--dtype fp16] [--out benchmarks/results/e2e_lora_<dtype>.md]
 
 Random weights (a model built from a config; nothing is downloaded), TinyLlama shapes:
 hidden 2048, 22 layers, MLP 5632, 32 heads, 4 KV heads of 64, vocab 32000. Each step is
@@ -133,7 +133,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    ap.add_argument("--out", default="benchmarks/results/e2e_lora.md")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/e2e_lora_<dtype>.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -156,7 +156,7 @@ def main():
         import bitsandbytes  # noqa: F401
 
         bnb_ok = dtype == torch.float16
-    except ImportError:
+    except Exception:  # not installed, or installed without a matching CUDA library
         bnb_ok = False
     if bnb_ok:
         model = swap_bnb(build(dtype))
@@ -180,7 +180,7 @@ def main():
             f"| {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['peak_gib'] - base['peak_gib']:+.2f} "
             f"| {r['linear_weight_gib']:.2f} | {r['loss']:.3f} |"
         )
-    write_report(lines, args.out)
+    write_report(lines, args.out or f"benchmarks/results/e2e_lora_{args.dtype}.md")
 
 
 if __name__ == "__main__":
