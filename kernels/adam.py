@@ -400,7 +400,7 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
     for i, p in enumerate(params):
         g = grads[i]
         if not g.is_contiguous():
-            g = g.contiguous()  # kept alive below through `keep`
+            g = g.contiguous()  # kept alive through grads[i] until the launch
             grads[i] = g
         n = p.numel()
         ptrs = (p.data_ptr(), g.data_ptr(), ms[i].data_ptr(), vs[i].data_ptr())

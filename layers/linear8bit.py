@@ -207,7 +207,15 @@ class Linear8bitLt(nn.Linear):
             with torch.no_grad():
                 weight = self.weight
                 if weight.device.type == "meta":
-                    # Only to_empty() takes a meta tensor to a device: storage, no values.
+                    # Only to_empty() may take a meta tensor to a device (storage, no values);
+                    # .cuda() / .to("cuda") must fail as for nn.Linear, not install garbage.
+                    try:
+                        fn(torch.empty(0, device="meta"))
+                    except NotImplementedError:
+                        raise NotImplementedError(
+                            f"{self._describe()} is on the meta device and holds no values to move: use "
+                            "to_empty(device=...) and then load its weights"
+                        ) from None
                     q = torch.empty(weight.shape, dtype=torch.int8, device=target[0])
                     scb = torch.empty(self.out_features, dtype=torch.float32, device=target[0])
                 else:

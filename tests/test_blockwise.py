@@ -277,6 +277,7 @@ def test_cuda_tiny_block_stores_zeros(blocksize):
 def test_cuda_runs_on_current_stream():
     x = torch.randn(1 << 20, device="cuda")
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # x is produced on the default stream
     with torch.cuda.stream(s):
         y = x * 2  # queued on s; the kernel must see it
         codes, absmax = quantize_blockwise(y)

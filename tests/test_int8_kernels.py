@@ -351,6 +351,12 @@ def test_meta_model_to_empty_cuda_then_load():
     expected = quantize_model(real, skip=()).cuda()
     x = torch.randn(40, 256, device="cuda")
     assert torch.equal(model(x), expected(x))
+    # .cuda() of a meta layer has no values to move: refused as for nn.Linear, no garbage weights
+    with torch.device("meta"):
+        meta = Linear8bitLt(64, 32)
+    with pytest.raises(NotImplementedError, match="to_empty"):
+        meta.cuda()
+    assert meta.weight.device.type == "meta"
 
 
 @cuda
