@@ -167,9 +167,11 @@ def _step_reference(p, g, m, v, ma, va, s: AdamScalars, blocksize: int) -> None:
 # The same function as _step_reference, computed chunk by chunk (bounded temporaries)
 # with an exact table-driven replacement for torch.bucketize (6x faster on a CPU).
 
-# Elements per chunk, a multiple of every state blocksize. Larger chunks cost nothing on one
-# thread and keep the op count low, which matters when OpenMP threads compete for busy cores.
-_CPU_CHUNK = 1 << 20
+# Elements per chunk, a multiple of every state blocksize. 2**18 keeps each temporary at 1-2 MiB:
+# small enough that the allocator reuses them without fresh pages (page faults) every chunk, big
+# enough that the op count stays low (16.8M params, 2 cores: 135 ms a step against ~170 ms with
+# 2**20 chunks; torch.optim.AdamW takes 58 ms).
+_CPU_CHUNK = 1 << 18
 
 
 @functools.cache
@@ -194,18 +196,33 @@ def _encode_table(signed: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     return table, mid_ext, extra
 
 
-def _encode(x: torch.Tensor, signed: bool) -> torch.Tensor:
+def _index_buffer(n: int, scratch: torch.Tensor | None) -> torch.Tensor:
+    """An int64 buffer of ``n`` elements: a view of ``scratch`` when it is large enough.
+
+    torch.take with int64 indices is the fastest CPU gather (about 3x ``table[int32 index]``
+    on 1M values); a reused buffer keeps its 8-byte indices from costing fresh pages (page
+    faults) on every chunk.
+    """
+    if scratch is not None and scratch.numel() >= n:
+        return scratch[:n]
+    return torch.empty(n, dtype=torch.int64)
+
+
+def _encode(x: torch.Tensor, signed: bool, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.bucketize(x, map_boundaries(signed))`` as int32, for finite fp32 ``x`` on the CPU."""
     table, mid_ext, extra = _encode_table(signed)
     key = x.view(torch.int32) >> 16
     key += 1 << 15
-    c = table[key]
+    index = _index_buffer(x.numel(), scratch)
+    c = torch.take(table, index.copy_(key))
     for _ in range(extra):
-        c += mid_ext[c] < x
+        c += torch.take(mid_ext, index.copy_(c)) < x
     return c
 
 
-def _quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool) -> None:
+def _quantize_into(
+    x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool, scratch=None
+) -> None:
     """quantize_blockwise_reference(x) written into ``codes`` / ``absmax`` (1-D, CPU), bit for bit."""
     n = x.numel()
     full = n - n % blocksize
@@ -225,16 +242,16 @@ def _quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, b
     all_ok = bool(ok.all())
     if not all_ok:  # a non-finite or tiny block stores zero codes (its scaled values are not finite)
         scaled.nan_to_num_(0.0, 0.0, 0.0)
-    codes.copy_(_encode(scaled, signed))
+    codes.copy_(_encode(scaled, signed, scratch))
     if not all_ok:
         bad = (~ok).repeat_interleave(blocksize)[:n]
         codes[bad] = zero_code(signed)
 
 
-def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool) -> torch.Tensor:
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool, scratch=None) -> torch.Tensor:
     """dequantize_blockwise_reference for 1-D CPU ``codes``, bit for bit."""
     n = codes.numel()
-    out = map_on(signed, codes.device)[codes.int()]
+    out = torch.take(map_on(signed, codes.device), _index_buffer(n, scratch).copy_(codes))
     full = n - n % blocksize
     if full:
         out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
@@ -245,18 +262,19 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signe
 
 def _step_cpu(p, g, m, v, ma, va, s: AdamScalars, blocksize: int) -> None:
     pf, gf, mf, vf = p.view(-1), g.reshape(-1), m.view(-1), v.view(-1)
+    scratch = torch.empty(min(pf.numel(), _CPU_CHUNK), dtype=torch.int64) if ma is not None else None
     for start in range(0, pf.numel(), _CPU_CHUNK):
         end = min(start + _CPU_CHUNK, pf.numel())
         b0, b1 = start // blocksize, (end + blocksize - 1) // blocksize
         if ma is not None:
-            m_f = _dequantize(mf[start:end], ma[b0:b1], blocksize, True)
-            v_f = _dequantize(vf[start:end], va[b0:b1], blocksize, False)
+            m_f = _dequantize(mf[start:end], ma[b0:b1], blocksize, True, scratch)
+            v_f = _dequantize(vf[start:end], va[b0:b1], blocksize, False, scratch)
         else:
             m_f, v_f = mf[start:end], vf[start:end]
         p_new, m_new, v_new = adam_update_reference(pf[start:end].float(), gf[start:end].float(), m_f, v_f, s)
         if ma is not None:
-            _quantize_into(m_new, mf[start:end], ma[b0:b1], blocksize, True)
-            _quantize_into(v_new, vf[start:end], va[b0:b1], blocksize, False)
+            _quantize_into(m_new, mf[start:end], ma[b0:b1], blocksize, True, scratch)
+            _quantize_into(v_new, vf[start:end], va[b0:b1], blocksize, False, scratch)
         else:
             mf[start:end].copy_(m_new)
             vf[start:end].copy_(v_new)
