@@ -192,5 +192,6 @@ if __name__ == "__main__":
         parser.add_argument("scenarios", nargs="+", choices=sorted(T.SCENARIOS))
         worker_args = parser.parse_args()
         T.worker(worker_args.out, worker_args.scenarios, backend=worker_args.backend, device=worker_args.device)
+        T.exit_without_finalization()
     else:
         sys.exit(main())
