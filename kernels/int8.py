@@ -145,11 +145,10 @@ def quantize_activations_reference(
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a[M, K] @ b[N, K]^T`` of int8 matrices, exactly, in int32 (any device, any shape)."""
-    if a.device.type in ("cuda", "cpu"):
-        try:
-            return torch._int_mm(a, b.t())
-        except RuntimeError:
-            pass  # a shape cuBLASLt's int8 GEMM refuses: the exact fp32 route below
+    try:
+        return torch._int_mm(a, b.t())
+    except RuntimeError:
+        pass  # a backend or shape without an int8 GEMM (cuBLASLt refuses some): the exact fp32 route
     # fp32 products of int8 values are exact, and so is every partial sum of a chunk while
     # |sum| < 2**24, i.e. for chunks of at most 2**24 / 127**2 = 1040 columns.
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)

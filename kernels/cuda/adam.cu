@@ -17,8 +17,6 @@
 #define E 8
 #define CHUNK 256
 
-__device__ __forceinline__ bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }
-
 // torch.bucketize(v, mid) for finite v: `lut` (kernels/adam.py, _gpu_encode_table) maps
 // the cell of v (sign, exponent field 103..128 or "tiny", top 7 mantissa bits) to the
 // number of boundaries below the cell's lowest value; walking up past the boundaries
@@ -81,7 +79,7 @@ __device__ __forceinline__ float quantize8(const u8* __restrict__ lut, const flo
     a = group_nanmax<TPB>(a);
     const float inv = a > 0.0f ? 1.0f / a : 1.0f;
     // NaN or Inf in the block (only from corrupt old state), or a < 2**-128: all zero codes
-    if (!(a <= 3.402823466e38f) || !(inv <= 3.402823466e38f)) {
+    if (!finite(a) || !finite(inv)) {
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = zero;
     } else {

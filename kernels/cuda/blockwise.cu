@@ -61,7 +61,7 @@ __global__ void quantize_blockwise(const T* __restrict__ x, const float* __restr
 
     int c[E];
     const float inv = m > 0.0f ? 1.0f / m : 1.0f;
-    if (!(m <= 3.402823466e38f) || !(inv <= 3.402823466e38f)) {  // NaN/Inf in the block, or m < 2**-128
+    if (!finite(m) || !finite(inv)) {  // NaN/Inf in the block, or m < 2**-128
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = zero_code;
     } else {

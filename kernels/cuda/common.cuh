@@ -77,6 +77,9 @@ __device__ __forceinline__ void store_codes(u8* __restrict__ dst, i64 base, i64 
     }
 }
 
+// false for NaN and +-Inf
+__device__ __forceinline__ bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }
+
 // max that propagates NaN (fmaxf drops it): a block holding a NaN must report NaN.
 __device__ __forceinline__ float nanmax(float a, float b) {
     return (a > b || a != a) ? a : b;

@@ -130,7 +130,7 @@ __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ s
 #pragma unroll
     for (int w = 1; w < 8; ++w) amax = nanmax(amax, swarp[w]);
     // A usable row (finite, non-zero absmax) has only finite values outside the outlier columns.
-    const bool usable = amax > 0.0f && amax <= 3.402823466e38f;
+    const bool usable = amax > 0.0f && finite(amax);
     const float inv = usable ? __fdiv_rn(127.0f, amax) : 0.0f;
     if (vec) {
         for (int k = threadIdx.x * 8; k < K; k += 256 * 8) {
@@ -140,9 +140,9 @@ __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ s
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 const float p = __fmul_rn(v[i], inv);
-                // |p| <= FLT_MAX: inv overflows for amax < 2**-128 and the reference's
+                // finite(p): inv overflows for amax < 2**-128 and the reference's
                 // nan_to_num then stores 0, as for NaN
-                const bool kept = usable && (slots == nullptr || slots[k + i] < 0) && fabsf(p) <= 3.402823466e38f;
+                const bool kept = usable && (slots == nullptr || slots[k + i] < 0) && finite(p);
                 const float t = kept ? fminf(fmaxf(rintf(p), -127.0f), 127.0f) : 0.0f;
                 pack.b[i] = (i8)(int)t;
             }
@@ -151,7 +151,7 @@ __global__ void quantize_rows(const T* __restrict__ x, const int* __restrict__ s
     } else {
         for (int k = threadIdx.x; k < Kp; k += 256) {
             const float p = k < K ? __fmul_rn(to_float(row[k]), inv) : 0.0f;
-            const bool kept = usable && k < K && (slots == nullptr || slots[k] < 0) && fabsf(p) <= 3.402823466e38f;
+            const bool kept = usable && k < K && (slots == nullptr || slots[k] < 0) && finite(p);
             const float t = kept ? fminf(fmaxf(rintf(p), -127.0f), 127.0f) : 0.0f;
             qrow[k] = (i8)(int)t;
         }
