@@ -12,10 +12,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_from_checkout_root(code: str) -> subprocess.CompletedProcess:
-    # ``python -c`` puts the current directory first on sys.path, as ``python -m pytest`` does.
+def run_python(code: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    # ``python -c`` puts cwd first on sys.path, as ``python -m pytest`` does (ROOT: a checkout root).
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=300
     )
 
 
@@ -28,7 +28,7 @@ def test_installed_package_does_not_put_kernels_or_layers_on_the_path():
         spec = importlib.util.find_spec("kernels")
         assert spec is None or "optim8" not in str(spec.origin), spec
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd="/", capture_output=True, text=True)
+    result = run_python(code, cwd="/")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -71,7 +71,7 @@ def test_top_level_kernels_from_a_checkout_leaves_the_ops_alone():
         w = optim8.kernels.quantize_rowwise(torch.randn(33, 65))
         assert optim8.kernels.dequantize_rowwise(*w, dtype=torch.float32).shape == (33, 65)
     """
-    result = run_from_checkout_root(code)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -85,5 +85,5 @@ def test_transformers_import_from_a_checkout_sees_no_hub_kernels():
         import kernels
         assert not hasattr(kernels, "adam_step")
     """
-    result = run_from_checkout_root(code)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
