@@ -1,36 +1,33 @@
-"""The CUDA side of optim8's kernels: CuPy, imported on first use.
+"""The CUDA backend of the launcher interface (``_launch.py``): NVRTC modules run through CuPy.
 
-Every kernel's CUDA path goes through three helpers here:
+* :func:`function` compiles ``kernels/cuda/<file>.cu`` with NVRTC (``_nvrtc.compile``: the
+  production options, flush-to-zero off) to a cubin for the device's architecture (PTX for
+  the newest architecture NVRTC knows, when the device is newer), loads it with
+  ``cupy.cuda.function.Module`` and returns one ``__global__`` function. Modules are memoized
+  per (source hash, device) in this process; across processes the compiled binary is kept on
+  disk under ``$OPTIM8_CACHE_DIR`` (default ``~/.cache/optim8/kernels``), keyed by the source
+  text, the options, the architecture and the NVRTC version, written through a temporary file
+  and an atomic rename so that two processes compiling at once each end with a whole file.
+* :func:`launch` runs a function on PyTorch's *current* stream of the tensors' device, looked
+  up at each call, so our kernels order correctly with PyTorch's work.
 
-* :func:`function` compiles ``kernels/cuda/<file>.cu`` with NVRTC (through
-  ``cupy.RawModule``) and returns one ``__global__`` function from it. Modules are
-  memoized per (source hash, device) in this process; across processes CuPy's
-  on-disk kernel cache (``~/.cupy/kernel_cache``, or ``$CUPY_CACHE_DIR``) keeps the
-  compiled binary, keyed by the source text and the options. CuPy writes that cache
-  through a temporary file and an atomic rename, so two processes compiling the same
-  kernel at once each end with a complete file.
-* :func:`launch` runs a function on PyTorch's *current* stream of the tensors'
-  device, looked up at each call, so our kernels order correctly with PyTorch's work
-  and can be captured in CUDA graphs.
-* :func:`ptr` passes a tensor zero-copy as a device pointer.
-
-Scalars are passed typed (``numpy.int32``, ``numpy.int64``, ``numpy.float32``): CuPy
-turns a Python ``float`` into a ``double`` and does not check it against the
-kernel's signature.
+Scalars are passed typed (``numpy.int32``, ``numpy.int64``, ``numpy.float32``): CuPy turns a
+Python ``float`` into a ``double`` and does not check it against the kernel's signature.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import re
+import json
+import os
+import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
-CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+from . import _launch, _nvrtc
 
 _INSTALL_HINT = (
     "optim8 runs its CUDA kernels through CuPy, which is not installed. Install the "
@@ -39,43 +36,7 @@ _INSTALL_HINT = (
 )
 
 _lock = threading.Lock()
-_modules: dict[tuple[str, int], object] = {}
-
-# Every .cu file a kernel module uses, with the template instantiations it needs.
-# tests/test_cuda_sources.py compiles each with NVRTC (no GPU needed).
-SOURCES: dict[str, tuple[str, ...]] = {}
-
-
-def register(name: str, name_expressions: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Declare that ``cuda/<name>`` is compiled with these name expressions."""
-    SOURCES[name] = tuple(name_expressions)
-    return SOURCES[name]
-
-
-# --fmad=false: the kernels must compute the PyTorch references' bits, and a contracted
-# multiply-add rounds once where the reference rounds twice.
-NVRTC_OPTIONS = ("-std=c++17", "--fmad=false")
-
-
-def check_compiles(name: str, arch: str = "compute_90") -> str:
-    """Compile ``cuda/<name>`` to PTX with NVRTC without touching a GPU; return the PTX.
-
-    Raises ``RuntimeError`` with NVRTC's log on a compile error.
-    """
-    from cupy_backends.cuda.libs import nvrtc
-
-    prog = nvrtc.createProgram(source(name), name, [], [])
-    try:
-        for expr in SOURCES.get(name, ()):
-            nvrtc.addNameExpression(prog, expr)
-        try:
-            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"-arch={arch}"])
-        except Exception as exc:
-            raise RuntimeError(f"{name} failed to compile:\n{nvrtc.getProgramLog(prog)}") from exc
-        ptx = nvrtc.getPTX(prog)
-        return ptx.decode() if isinstance(ptx, bytes) else ptx
-    finally:
-        nvrtc.destroyProgram(prog)
+_modules: dict[tuple[str, int], tuple[object, dict]] = {}
 
 
 @functools.cache
@@ -88,53 +49,72 @@ def cupy():
     return cp
 
 
-_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.MULTILINE)
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPTIM8_CACHE_DIR") or Path.home() / ".cache" / "optim8" / "kernels")
 
 
 @functools.cache
-def source(name: str) -> str:
-    """The text of ``cuda/<name>`` with our own ``#include "x.cuh"`` lines inlined.
+def _arch(device: int) -> str:
+    """``sm_XY`` of the device, or ``compute_XY`` of NVRTC's newest architecture if it predates the device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    cc = 10 * major + minor
+    archs = _nvrtc.supported_archs()
+    if not archs or cc in archs:
+        return f"sm_{cc}"
+    return f"compute_{max(a for a in archs if a <= cc)}"
 
-    Inlining (rather than passing ``-I``) makes the headers part of the text that
-    CuPy hashes for its disk cache, so editing a header recompiles its users.
-    """
-    text = (CUDA_DIR / name).read_text()
 
-    def inline(match: re.Match) -> str:
-        return source(match.group(1))
-
-    return _INCLUDE.sub(inline, text)
+def compiled(name: str, name_expressions: tuple[str, ...], arch: str) -> _nvrtc.Compiled:
+    """``cuda/<name>`` compiled for ``arch`` with the production options, through the disk cache."""
+    text = _launch.source(name)
+    key = hashlib.sha256(
+        json.dumps([text, list(name_expressions), _nvrtc.options_for(arch), _nvrtc.version()]).encode()
+    ).hexdigest()
+    root = cache_dir()
+    binary_path, meta_path = root / f"{key}.bin", root / f"{key}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        return _nvrtc.Compiled(binary_path.read_bytes(), meta["kind"], meta["lowered"], tuple(meta["options"]), "")
+    except (OSError, ValueError, KeyError):
+        pass
+    result = _nvrtc.compile(text, name, name_expressions, arch)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for path, data in (
+            (binary_path, result.binary),
+            (meta_path, json.dumps({"kind": result.kind, "lowered": result.lowered, "options": result.options}).encode()),
+        ):
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # the binary lands before the metadata that makes it a hit
+    except OSError:  # a read-only home: compile again next process
+        pass
+    return result
 
 
 def _module(name: str, name_expressions: tuple[str, ...], device: int):
-    text = source(name)
-    key = (hashlib.sha256(text.encode() + repr(name_expressions).encode()).hexdigest(), device)
-    mod = _modules.get(key)
-    if mod is None:
+    key = (hashlib.sha256(_launch.source(name).encode() + repr(name_expressions).encode()).hexdigest(), device)
+    entry = _modules.get(key)
+    if entry is None:
         with _lock:
-            mod = _modules.get(key)
-            if mod is None:
+            entry = _modules.get(key)
+            if entry is None:
                 cp = cupy()
+                result = compiled(name, name_expressions, _arch(device))
                 with cp.cuda.Device(device):
-                    mod = cp.RawModule(
-                        code=text,
-                        options=NVRTC_OPTIONS,
-                        name_expressions=name_expressions or None,
-                    )
-                    mod.compile()
-                _modules[key] = mod
-    return mod
+                    mod = cp.cuda.function.Module()
+                    mod.load(result.binary)
+                entry = _modules[key] = (mod, result.lowered)
+    return entry
 
 
-def function(name: str, kernel: str, device: int, name_expressions: tuple[str, ...] = ()):
-    """The ``__global__`` function ``kernel`` of ``cuda/<name>`` compiled for ``device``.
-
-    ``name_expressions`` lists every template instantiation the module holds; pass
-    the same tuple from every call site of one file so it compiles once.
-    """
-    mod = _module(name, name_expressions, device)
-    with cupy().cuda.Device(device):
-        return mod.get_function(kernel)
+def function(name: str, kernel: str, device: torch.device, name_expressions: tuple[str, ...] = ()):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    mod, lowered = _module(name, name_expressions, index)
+    symbol = lowered.get(kernel, kernel)  # a non-template kernel is found by its plain name
+    with cupy().cuda.Device(index):
+        return mod.get_function(symbol)
 
 
 _streams: dict[tuple[int, int], object] = {}
@@ -156,19 +136,46 @@ def _stream(device: torch.device):
     return stream
 
 
-def launch(fn, grid: int | tuple, block: int | tuple, args: tuple, device: torch.device, shared_mem: int = 0) -> None:
-    """Launch ``fn`` on PyTorch's current stream of ``device``."""
+def launch(fn, grid: tuple, block: tuple, args: tuple, device: torch.device, shared_mem: int = 0) -> None:
     cp = cupy()
-    grid = grid if isinstance(grid, tuple) else (grid,)
-    block = block if isinstance(block, tuple) else (block,)
-    with cp.cuda.Device(device.index), _stream(device):
-        fn(grid, block, args, shared_mem=shared_mem)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cp.cuda.Device(index):
+        fn(grid, block, args, shared_mem=shared_mem, stream=_stream(torch.device("cuda", index)))
 
 
-def ptr(t: torch.Tensor) -> np.uint64:
-    """A tensor's device address, passed by value as a kernel pointer argument."""
-    return np.uint64(t.data_ptr())
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+def sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _ctas_per_sm(fn_ptr: int, block: int, index: int) -> int:
+    try:
+        from cupy.cuda import driver
+
+        with cupy().cuda.Device(index):  # the function belongs to this device's context
+            return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(fn_ptr, block, 0))
+    except Exception:  # older CuPy without the occupancy API: a safe default
+        return 4
+
+
+def ctas_per_sm(fn, block: int, device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _ctas_per_sm(fn.ptr, block, index)
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A non-blocking copy from pinned memory: never synchronizes."""
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def record_stream(t: torch.Tensor, device: torch.device) -> None:
+    t.record_stream(torch.cuda.current_stream(device))
+
+
+def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(a, b_t)

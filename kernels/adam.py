@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _cupy
+from . import _launch
 from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 from .quant_map import map_boundaries, map_on, zero_code
 
@@ -69,7 +69,7 @@ _EXPRS = tuple(
     for state8, sizes in (("true", STATE_BLOCKSIZES), ("false", (256,)))
     for bs in sizes
 )
-_NAMES = _cupy.register("adam.cu", _EXPRS)
+_NAMES = _launch.register("adam.cu", _EXPRS)
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ def adam_step(
     if not params:
         return
     state8 = exp_avg_absmax is not None
-    if params[0].device.type == "cuda":
+    if _launch.kernel_device(params[0].device):
         simple = [i for i, p in enumerate(params) if p.is_contiguous()]
         if len(simple) == len(params):
             _step_cuda(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax, scalars, blocksize)
@@ -350,28 +350,17 @@ def _table(device: torch.device, rows: list[tuple[int, ...]], starts: list[int])
     table = _tables.get(key)
     if table is None:
         flat = [x for row in rows for x in row] + starts
-        host = torch.tensor(flat, dtype=torch.int64).pin_memory()
-        table = host.to(device, non_blocking=True)
+        table = _launch.upload(torch.tensor(flat, dtype=torch.int64), device)
         if len(_tables) >= _TABLE_CACHE_SIZE:
             _tables.pop(next(iter(_tables)))
         _tables[key] = table
     # a step on another stream than the table's: its memory must outlive that use if evicted
-    table.record_stream(torch.cuda.current_stream(device))
+    _launch.record_stream(table, device)
     return table
 
 
-@functools.cache
-def _grid_limit(fn_ptr: int, device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    per_sm = 4
-    try:
-        from cupy.cuda import driver
-
-        with _cupy.cupy().cuda.Device(device_index):  # the function belongs to this device's context
-            per_sm = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(fn_ptr, 256, 0))
-    except Exception:  # older CuPy without the occupancy API: a safe default
-        pass
-    return props.multi_processor_count * per_sm
+def _grid_limit(fn, device: torch.device) -> int:
+    return _launch.sm_count(device) * _launch.ctas_per_sm(fn, 256, device)
 
 
 # The kernel's encoder: a table indexed by (sign, exponent, top 7 mantissa bits) of the
@@ -433,22 +422,21 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
     if total == 0:
         return
     table = _table(device, rows, starts)
-    dev = _cupy.device_index(params[0])
     bs = blocksize if state8 else 256
     expr = f"adam_multi<{_CTYPE[dtype]},{'true' if state8 else 'false'},{'true' if s.decoupled else 'false'},{bs}>"
-    fn = _cupy.function("adam.cu", expr, dev, _NAMES)
+    fn = _launch.function("adam.cu", expr, device, _NAMES)
     warps_per_cta = 256 // 32
-    grid = min((total + warps_per_cta - 1) // warps_per_cta, _grid_limit(fn.ptr, dev))
+    grid = min((total + warps_per_cta - 1) // warps_per_cta, _grid_limit(fn, device))
     args = (
-        _cupy.ptr(table),
+        _launch.ptr(table),
         np.int32(len(params)),
         np.int64(total),
-        _cupy.ptr(map_on(True, device)),
-        _cupy.ptr(map_on(False, device)),
-        _cupy.ptr(map_boundaries(True, device)),
-        _cupy.ptr(map_boundaries(False, device)),
-        _cupy.ptr(_gpu_encode_table(True, device)),
-        _cupy.ptr(_gpu_encode_table(False, device)),
+        _launch.ptr(map_on(True, device)),
+        _launch.ptr(map_on(False, device)),
+        _launch.ptr(map_boundaries(True, device)),
+        _launch.ptr(map_boundaries(False, device)),
+        _launch.ptr(_gpu_encode_table(True, device)),
+        _launch.ptr(_gpu_encode_table(False, device)),
         np.int32(_ZERO_SIGNED),
         np.int32(_ZERO_UNSIGNED),
         np.float32(s.beta1),
@@ -461,5 +449,5 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
         np.float32(s.decay),
         np.float32(s.weight_decay),
     )
-    _cupy.launch(fn, grid, 256, args, device)
+    _launch.launch(fn, grid, 256, args, device)
 

@@ -30,7 +30,7 @@ import torch
 if not __name__.startswith("optim8."):  # see kernels/__init__.py: a second copy of the ops would free the first
     raise ImportError(f"{__name__} is part of optim8: import optim8.kernels, not the top-level 'kernels'")
 
-from . import _cupy
+from . import _launch
 from .quant_map import map_boundaries, map_on, zero_code
 
 __all__ = ["quantize_blockwise", "dequantize_blockwise", "BLOCKSIZES", "DEFAULT_BLOCKSIZE", "num_blocks"]
@@ -39,7 +39,7 @@ DEFAULT_BLOCKSIZE = 256
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
-_NAMES = _cupy.register(
+_NAMES = _launch.register(
     "blockwise.cu",
     tuple(
         f"{kernel}<{ctype},{bs}>"
@@ -106,7 +106,7 @@ def _(x, blocksize, signed):
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((nb,), dtype=torch.float32)
 
 
-@_quantize_op.register_kernel("cuda")
+@_launch.cuda_kernel(_quantize_op)
 def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     n = x.numel()
@@ -114,22 +114,21 @@ def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, absmax
-    dev = _cupy.device_index(x)
-    fn = _cupy.function("blockwise.cu", f"quantize_blockwise<{_CTYPE[x.dtype]},{blocksize}>", dev, _NAMES)
+    fn = _launch.function("blockwise.cu", f"quantize_blockwise<{_CTYPE[x.dtype]},{blocksize}>", x.device, _NAMES)
     threads_per_block = blocksize // 8
     cta = max(threads_per_block, 256)
     per_cta = cta // threads_per_block
     grid = num_blocks(absmax.numel(), per_cta)
     args = (
-        _cupy.ptr(x),
-        _cupy.ptr(map_boundaries(signed, x.device)),
-        _cupy.ptr(codes),
-        _cupy.ptr(absmax),
+        _launch.ptr(x),
+        _launch.ptr(map_boundaries(signed, x.device)),
+        _launch.ptr(codes),
+        _launch.ptr(absmax),
         np.int64(n),
         np.int32(zero_code(signed)),
         np.int32(x.data_ptr() % 16 == 0),
     )
-    _cupy.launch(fn, grid, cta, args, x.device)
+    _launch.launch(fn, grid, cta, args, x.device)
     return codes, absmax
 
 
@@ -145,7 +144,7 @@ def _(codes, absmax, blocksize, signed, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-@_dequantize_op.register_kernel("cuda")
+@_launch.cuda_kernel(_dequantize_op)
 def _dequantize_cuda(codes, absmax, blocksize, signed, dtype):
     codes = codes.contiguous()
     absmax = absmax.contiguous()
@@ -153,17 +152,16 @@ def _dequantize_cuda(codes, absmax, blocksize, signed, dtype):
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     if n == 0:
         return out
-    dev = _cupy.device_index(codes)
-    fn = _cupy.function("blockwise.cu", f"dequantize_blockwise<{_CTYPE[dtype]},{blocksize}>", dev, _NAMES)
+    fn = _launch.function("blockwise.cu", f"dequantize_blockwise<{_CTYPE[dtype]},{blocksize}>", codes.device, _NAMES)
     args = (
-        _cupy.ptr(codes),
-        _cupy.ptr(map_on(signed, codes.device)),
-        _cupy.ptr(absmax),
-        _cupy.ptr(out),
+        _launch.ptr(codes),
+        _launch.ptr(map_on(signed, codes.device)),
+        _launch.ptr(absmax),
+        _launch.ptr(out),
         np.int64(n),
         np.int32(codes.data_ptr() % 8 == 0),
     )
-    _cupy.launch(fn, num_blocks(n, 256 * 8), 256, args, codes.device)
+    _launch.launch(fn, num_blocks(n, 256 * 8), 256, args, codes.device)
     return out
 
 

@@ -47,7 +47,6 @@ models and ``torch.compile`` work.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import numpy as np
@@ -56,7 +55,7 @@ import torch
 if not __name__.startswith("optim8."):  # see kernels/__init__.py: a second copy of the ops would free the first
     raise ImportError(f"{__name__} is part of optim8: import optim8.kernels, not the top-level 'kernels'")
 
-from . import _cupy
+from . import _launch
 
 __all__ = [
     "DECODE_TOKENS",
@@ -74,7 +73,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
 _GEMV_MT = (1, 2, 4, 8, 16)
 _GEMV_R = (2, 4)  # output rows per warp: 4 for wide layers, 2 to give narrow ones enough CTAs
-_NAMES = _cupy.register(
+_NAMES = _launch.register(
     "int8.cu",
     tuple(
         f"{k}<{c}>"
@@ -202,21 +201,23 @@ def int8_linear_reference(
 # ----------------------------------------------------------------------------- CUDA paths
 
 
-_functions: dict[tuple[str, int], object] = {}
+_functions: dict[tuple[str, str], object] = {}
 
 
-def _launch(kernel: str, grid, block, args, device: torch.device) -> None:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    # Memoized here as well: _cupy.function hashes the whole source at every call, which
+def _launch_kernel(kernel: str, grid, block, args, device: torch.device) -> None:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    # Memoized here as well: _launch.function hashes the whole source at every call, which
     # costs more than a launch on these per-token-count hot paths.
-    fn = _functions.get((kernel, index))
+    key = (kernel, str(device))
+    fn = _functions.get(key)
     if fn is None:
-        fn = _functions[(kernel, index)] = _cupy.function("int8.cu", kernel, index, _NAMES)
-    _cupy.launch(fn, grid, block, args, torch.device("cuda", index))
+        fn = _functions[key] = _launch.function("int8.cu", kernel, device, _NAMES)
+    _launch.launch(fn, grid, block, args, device)
 
 
 def _null_or_ptr(t: Optional[torch.Tensor]) -> np.uint64:
-    return np.uint64(0) if t is None else _cupy.ptr(t)
+    return np.uint64(0) if t is None else _launch.ptr(t)
 
 
 def _quantize_activations_cuda(x: torch.Tensor, threshold: float, k_padded: int):
@@ -238,27 +239,27 @@ def _quantize_activations_cuda(x: torch.Tensor, threshold: float, k_padded: int)
         xo = torch.empty((m, cap), dtype=torch.float32, device=x.device)
         rows = max(64, -(-m // 65535))  # rows per CTA; gridDim.y may not exceed 65535
         grid = ((k + 255) // 256, (m + rows - 1) // rows)
-        args = (_cupy.ptr(x), _cupy.ptr(slots), np.int64(m), np.int32(k), np.float32(threshold), np.int32(rows))
-        _launch(f"outlier_columns<{ctype}>", grid, 256, args, x.device)
-        args = (_cupy.ptr(slots), _cupy.ptr(cols), _cupy.ptr(count), np.int32(k), np.int32(cap))
-        _launch("select_outliers", 1, 1024, args, x.device)
+        args = (_launch.ptr(x), _launch.ptr(slots), np.int64(m), np.int32(k), np.float32(threshold), np.int32(rows))
+        _launch_kernel(f"outlier_columns<{ctype}>", grid, 256, args, x.device)
+        args = (_launch.ptr(slots), _launch.ptr(cols), _launch.ptr(count), np.int32(k), np.int32(cap))
+        _launch_kernel("select_outliers", 1, 1024, args, x.device)
         outliers = (slots, cols, count, xo)
     if m:
-        slots_ptr = _cupy.ptr(outliers[0]) if outliers else np.uint64(0)
-        xo_ptr = _cupy.ptr(outliers[3]) if outliers else np.uint64(0)
+        slots_ptr = _launch.ptr(outliers[0]) if outliers else np.uint64(0)
+        xo_ptr = _launch.ptr(outliers[3]) if outliers else np.uint64(0)
         vec = int(k % 8 == 0 and k_padded == k and x.data_ptr() % 16 == 0)
         args = (
-            _cupy.ptr(x),
+            _launch.ptr(x),
             slots_ptr,
-            _cupy.ptr(xq),
-            _cupy.ptr(row_scale),
+            _launch.ptr(xq),
+            _launch.ptr(row_scale),
             xo_ptr,
             np.int32(k),
             np.int32(k_padded),
             np.int32(cap),
             np.int32(vec),
         )
-        _launch(f"quantize_rows<{ctype}>", m, 256, args, x.device)
+        _launch_kernel(f"quantize_rows<{ctype}>", m, 256, args, x.device)
     return xq, row_scale, outliers
 
 
@@ -273,11 +274,11 @@ def _dequantize_cuda(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> 
     q, scb = q.contiguous(), scb.contiguous()
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     if q.numel():
-        _launch(
+        _launch_kernel(
             f"dequantize_rows<{_CTYPE[dtype]}>",
             _grid_rows(q.shape[0], q.shape[1]),
             256,
-            (_cupy.ptr(q), _cupy.ptr(scb), _cupy.ptr(out), np.int64(q.shape[0]), np.int32(q.shape[1])),
+            (_launch.ptr(q), _launch.ptr(scb), _launch.ptr(out), np.int64(q.shape[0]), np.int32(q.shape[1])),
             q.device,
         )
     return out
@@ -294,16 +295,16 @@ def _gemv_cuda(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias32: Opti
     r = 4 if mt >= 8 or (n + 31) // 32 >= 2 * _sm_count(x.device) else 2
     rows_per_cta = 8 * r
     vec = int(k % 16 == 0 and q.data_ptr() % 16 == 0)
-    _launch(
+    _launch_kernel(
         f"gemv_int8<{_CTYPE[x.dtype]},{mt},{r}>",
         (n + rows_per_cta - 1) // rows_per_cta,
         256,
         (
-            _cupy.ptr(x),
-            _cupy.ptr(q),
-            _cupy.ptr(scb),
+            _launch.ptr(x),
+            _launch.ptr(q),
+            _launch.ptr(scb),
             _null_or_ptr(bias32),
-            _cupy.ptr(out),
+            _launch.ptr(out),
             np.int32(m),
             np.int32(n),
             np.int32(k),
@@ -314,13 +315,8 @@ def _gemv_cuda(x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias32: Opti
     return out
 
 
-@functools.cache
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    return _launch.sm_count(device)
 
 
 def _round_up(v: int, to: int) -> int:
@@ -344,32 +340,32 @@ def _int8_linear_cuda(x, q, scb, bias, threshold):
     if kp != k or np_ != n:
         wq = torch.zeros((np_, kp), dtype=torch.int8, device=q.device)
         wq[:n, :k] = q
-    acc = torch._int_mm(xq, wq.t())
+    acc = _launch.int_mm(xq, wq.t())
     xo_ptr = qo_ptr = count_ptr = np.uint64(0)
     cap = 0
     if outliers is not None:
         slots, cols, count, xo = outliers
         cap = xo.shape[1]
         qo = torch.empty((cap, n), dtype=torch.int8, device=x.device)
-        args = (_cupy.ptr(q), _cupy.ptr(cols), _cupy.ptr(count), _cupy.ptr(qo), np.int32(n), np.int32(k))
-        _launch("gather_outlier_weights", (n + 255) // 256, 256, args, x.device)
-        xo_ptr, qo_ptr, count_ptr = _cupy.ptr(xo), _cupy.ptr(qo), _cupy.ptr(count)
+        args = (_launch.ptr(q), _launch.ptr(cols), _launch.ptr(count), _launch.ptr(qo), np.int32(n), np.int32(k))
+        _launch_kernel("gather_outlier_weights", (n + 255) // 256, 256, args, x.device)
+        xo_ptr, qo_ptr, count_ptr = _launch.ptr(xo), _launch.ptr(qo), _launch.ptr(count)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (
-        _cupy.ptr(acc),
+        _launch.ptr(acc),
         np.int32(acc.stride(0)),
-        _cupy.ptr(row_scale),
-        _cupy.ptr(scb),
+        _launch.ptr(row_scale),
+        _launch.ptr(scb),
         xo_ptr,
         qo_ptr,
         count_ptr,
         np.int32(cap),
         _null_or_ptr(bias32),
-        _cupy.ptr(out),
+        _launch.ptr(out),
         np.int64(m),
         np.int32(n),
     )
-    _launch(f"int8_epilogue<{_CTYPE[x.dtype]}>", _grid_rows(m, n), 256, args, x.device)
+    _launch_kernel(f"int8_epilogue<{_CTYPE[x.dtype]}>", _grid_rows(m, n), 256, args, x.device)
     return out
 
 
@@ -396,7 +392,7 @@ def _(q, scb, dtype):
     return q.new_empty(q.shape, dtype=dtype)
 
 
-_dequantize_op.register_kernel("cuda")(_dequantize_cuda)
+_launch.cuda_kernel(_dequantize_op)(_dequantize_cuda)
 
 
 @torch.library.custom_op("optim8::quantize_activations", mutates_args=())
@@ -414,7 +410,7 @@ def _(x, threshold):
     )
 
 
-@_quantize_activations_op.register_kernel("cuda")
+@_launch.cuda_kernel(_quantize_activations_op)
 def _(x, threshold):
     x = x.contiguous()
     k = x.shape[1]
@@ -435,7 +431,7 @@ def _(x, q, scb, bias, threshold):
     return x.new_empty((x.shape[0], q.shape[0]))
 
 
-_int8_linear_op.register_kernel("cuda")(_int8_linear_cuda)
+_launch.cuda_kernel(_int8_linear_op)(_int8_linear_cuda)
 
 
 @torch.library.custom_op("optim8::int8_linear_grad_input", mutates_args=())
@@ -448,7 +444,7 @@ def _(grad, q, scb):
     return grad.new_empty((grad.shape[0], q.shape[1]))
 
 
-@_grad_input_op.register_kernel("cuda")
+@_launch.cuda_kernel(_grad_input_op)
 def _(grad, q, scb):
     return grad @ _dequantize_cuda(q, scb, grad.dtype)
 
@@ -486,7 +482,7 @@ class _Int8LinearEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, scb, bias, threshold):
         _setup_context(ctx, (x, q, scb, bias, threshold), None)
-        if x.is_cuda:
+        if _launch.kernel_device(x.device):
             return _int8_linear_cuda(x, q, scb, bias, threshold)
         return int8_linear_reference(x, q, scb, bias, threshold)
 

@@ -3,7 +3,7 @@
 A kernel launched with one argument too few, an ``np.int32`` where the kernel takes
 ``long long``, or a template instance that was never registered compiles fine and fails (or
 silently reads garbage) only on a GPU. Here each ``*_cuda`` launcher runs on CPU tensors with
-``_cupy.function`` / ``_cupy.launch`` replaced by a checker that compares every launch with the
+``_launch.function`` / ``_launch.launch`` replaced by a checker that compares every launch with the
 ``__global__`` signature parsed from the ``.cu`` source: argument count, and for each argument
 its type (pointers as ``np.uint64``, ``i64`` as ``np.int64``, ``int`` as ``np.int32``,
 ``float`` as ``np.float32``), plus a valid grid and block.
@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from optim8.kernels import _cupy, adam, blockwise, int8
+from optim8.kernels import _launch, adam, blockwise, int8
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def kernel_signatures() -> dict[str, list[str]]:
     sigs = {}
-    for name in _cupy.SOURCES:
-        src = re.sub(r"//[^\n]*", "", _cupy.source(name))
+    for name in _launch.SOURCES:
+        src = re.sub(r"//[^\n]*", "", _launch.source(name))
         pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)"
         for m in re.finditer(pattern, src):
             sigs[m.group(1)] = [" ".join(p.split()) for p in m.group(2).split(",")]
@@ -45,7 +45,7 @@ class Launches:
     def __init__(self):
         self.kernels = []
 
-    def function(self, source, kernel, device_index, name_expressions=()):
+    def function(self, source, kernel, device, name_expressions=()):
         assert kernel in name_expressions, f"{kernel} is launched but not registered for {source}"
         assert kernel.split("<")[0] in SIGNATURES, f"no __global__ {kernel} in {source}"
         fn = type("Fn", (), {})()
@@ -69,19 +69,18 @@ class Launches:
 @pytest.fixture
 def launches(monkeypatch):
     rec = Launches()
-    monkeypatch.setattr(_cupy, "function", rec.function)
-    monkeypatch.setattr(_cupy, "launch", rec.launch)
-    monkeypatch.setattr(_cupy, "device_index", lambda t: 0)
-    monkeypatch.setattr(adam, "_grid_limit", lambda fn_ptr, device_index: 132 * 4)
+    monkeypatch.setattr(_launch, "function", rec.function)
+    monkeypatch.setattr(_launch, "launch", rec.launch)
+    monkeypatch.setattr(_launch, "int_mm", lambda a, b_t: torch.zeros(a.shape[0], b_t.shape[1], dtype=torch.int32))
+    monkeypatch.setattr(adam, "_grid_limit", lambda fn, device: 132 * 4)
     monkeypatch.setattr(adam, "_table", lambda device, rows, starts: torch.tensor([x for r in rows for x in r] + starts))
     monkeypatch.setattr(int8, "_sm_count", lambda device: 132)
     monkeypatch.setattr(int8, "_functions", {})  # never leave a fake in the real launch cache
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return rec
 
 
 def test_every_kernel_has_a_parsed_signature():
-    registered = {expr.split("<")[0] for exprs in _cupy.SOURCES.values() for expr in exprs}
+    registered = {expr.split("<")[0] for exprs in _launch.SOURCES.values() for expr in exprs}
     assert registered <= set(SIGNATURES), registered - set(SIGNATURES)
     for name, params in SIGNATURES.items():
         for p in params:
