@@ -7,6 +7,7 @@ import torch
 
 from optim8.kernels import BLOCKSIZES, dequantize_blockwise, dynamic_map, quantize_blockwise
 from optim8.kernels.quant_map import map_boundaries, zero_code
+from devices import DEV, GPU, reference
 
 SIZES = [1, 255, 256, 257, 4097, 1_000_003]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -217,23 +218,26 @@ def test_boundaries_are_fp32_midpoints():
 
 
 # ------------------------------------------------------------------------------ CUDA
+# On a GPU, or on the host device without one (tests/devices.py): the kernel against the reference.
+
+CUDA_SIZES = SIZES if GPU else [1, 255, 256, 257, 4097, 100_003]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", CUDA_SIZES)
 def test_cuda_matches_reference(n, signed, dtype):
     x = (torch.randn(n) * 4).to(dtype)
     if not signed:
         x = x.abs()
-    codes_ref, absmax_ref = quantize_blockwise(x, signed=signed)
-    codes, absmax = quantize_blockwise(x.cuda(), signed=signed)
+    with reference():
+        codes_ref, absmax_ref = quantize_blockwise(x, signed=signed)
+        y_ref = dequantize_blockwise(codes_ref, absmax_ref, signed=signed, dtype=dtype)
+    codes, absmax = quantize_blockwise(x.to(DEV), signed=signed)
     assert torch.equal(absmax.cpu(), absmax_ref)
-    # the two compute the same fp32 operations; a differing code may only sit on a boundary
     differ = codes.cpu() != codes_ref
     assert differ.sum().item() == 0, f"{differ.sum().item()} of {n} codes differ"
-    y_ref = dequantize_blockwise(codes_ref, absmax_ref, signed=signed, dtype=dtype)
     y = dequantize_blockwise(codes, absmax, signed=signed, dtype=dtype)
     assert torch.equal(y.cpu(), y_ref)
 
@@ -241,39 +245,88 @@ def test_cuda_matches_reference(n, signed, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_every_blocksize(blocksize, dtype):
+@pytest.mark.parametrize("signed", [True, False])
+def test_cuda_every_blocksize(blocksize, dtype, signed):
     x = torch.randn(5 * blocksize + 3).to(dtype)
-    codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize)
-    codes, absmax = quantize_blockwise(x.cuda(), blocksize=blocksize)
+    x = x if signed else x.abs()
+    with reference():
+        codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize, signed=signed)
+        y_ref = dequantize_blockwise(codes_ref, absmax_ref, blocksize=blocksize, signed=signed, dtype=dtype)
+    codes, absmax = quantize_blockwise(x.to(DEV), blocksize=blocksize, signed=signed)
     assert torch.equal(absmax.cpu(), absmax_ref)
     assert torch.equal(codes.cpu(), codes_ref)
+    y = dequantize_blockwise(codes, absmax, blocksize=blocksize, signed=signed, dtype=dtype)
+    assert torch.equal(y.cpu(), y_ref)
 
 
 @pytest.mark.cuda
 def test_cuda_misaligned_views_and_nonfinite():
-    base = torch.randn(10_001, device="cuda")
+    base = torch.randn(10_001, device=DEV)
     x = base[3:]  # storage offset: not 16-byte aligned
     x[1000] = float("nan")
     x[5000] = float("inf")
     codes, absmax = quantize_blockwise(x)
-    codes_ref, absmax_ref = quantize_blockwise(x.cpu())
+    full = dequantize_blockwise(codes, absmax)
+    with reference():
+        codes_ref, absmax_ref = quantize_blockwise(x.cpu().clone())
+        full_ref = dequantize_blockwise(codes_ref, absmax_ref)
     torch.testing.assert_close(absmax.cpu(), absmax_ref, equal_nan=True, rtol=0, atol=0)
     assert torch.equal(codes.cpu(), codes_ref)
-    full = dequantize_blockwise(codes, absmax)
-    torch.testing.assert_close(full.cpu(), dequantize_blockwise(codes_ref, absmax_ref), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(full.cpu(), full_ref, equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("blocksize", [256, 1024])
-def test_cuda_tiny_block_stores_zeros(blocksize):
-    x = tiny_block_input(3 * blocksize + 5)
-    codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize)
-    codes, absmax = quantize_blockwise(x.cuda(), blocksize=blocksize)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 256, 1024])
+def test_cuda_tiny_block_stores_zeros(blocksize, dtype):
+    x = tiny_block_input(max(1000, 3 * blocksize + 5)).to(dtype)
+    with reference():
+        codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize)
+    codes, absmax = quantize_blockwise(x.to(DEV), blocksize=blocksize)
     assert torch.equal(absmax.cpu(), absmax_ref)
     assert torch.equal(codes.cpu(), codes_ref)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("signed", [True, False])
+def test_cuda_subnormal_blocks_match_reference(dtype, signed):
+    """Flush-to-zero would compare flushed values: a block of subnormals must still get its true absmax."""
+    blocksize = 256
+    tiny = torch.finfo(dtype).smallest_normal
+    x = (torch.rand(7 * blocksize + 9) * tiny * 0.9).to(dtype)  # every value subnormal
+    x[::3] = -x[::3] if signed else x[::3]
+    x[blocksize + 17] = 0.0
+    assert bool(((x.float().abs() < tiny) & (x.float() != 0)).float().mean() > 0.9)
+    with reference():
+        codes_ref, absmax_ref = quantize_blockwise(x, blocksize=blocksize, signed=signed)
+        y_ref = dequantize_blockwise(codes_ref, absmax_ref, blocksize=blocksize, signed=signed, dtype=dtype)
+    codes, absmax = quantize_blockwise(x.to(DEV), blocksize=blocksize, signed=signed)
+    assert torch.equal(absmax.cpu(), absmax_ref)
+    assert bool((absmax_ref > 0).all())
+    assert torch.equal(codes.cpu(), codes_ref)
+    assert torch.equal(dequantize_blockwise(codes, absmax, blocksize=blocksize, signed=signed, dtype=dtype).cpu(), y_ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("signed", [True, False])
+def test_cuda_huge_absmax_keeps_real_codes(signed):
+    """Above 2**126 the block's reciprocal is subnormal: flushed to zero it would zero every code."""
+    x = torch.randn(4 * 256 + 3) * 2.0**127
+    x = x if signed else x.abs()
+    x[:256] *= 1.5  # absmax up to ~2**128 in the first block: still finite
+    x = x.clamp(-3.0e38, 3.0e38)
+    with reference():
+        codes_ref, absmax_ref = quantize_blockwise(x, signed=signed)
+    codes, absmax = quantize_blockwise(x.to(DEV), signed=signed)
+    assert bool((absmax_ref > 2.0**126).all())
+    assert len(set(codes_ref.tolist())) > 50  # real codes, not all the zero code
+    assert torch.equal(absmax.cpu(), absmax_ref)
+    assert torch.equal(codes.cpu(), codes_ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.gpu
 def test_cuda_runs_on_current_stream():
     x = torch.randn(1 << 20, device="cuda")
     s = torch.cuda.Stream()

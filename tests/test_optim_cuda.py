@@ -1,5 +1,9 @@
 """The fused CUDA Adam kernel against the PyTorch reference (run with: pytest -m cuda).
 
+On a GPU, or on the host device without one (tests/devices.py): parameters are copied to
+``DEV`` (a copy even when ``DEV`` is the CPU, so the two optimizers never share storage) and
+the CPU optimizer steps inside ``reference()``.
+
 Every operation of the kernel is a correctly rounded fp32 operation in the reference's
 order, and its quantizer is the reference's algorithm, so CUDA and CPU are expected to
 agree bit for bit; the multi-step tests allow a hair more (a code flipping at a decision
@@ -12,8 +16,13 @@ import pytest
 import torch
 
 import optim8
+from devices import DEV, GPU, reference
 
 pytestmark = pytest.mark.cuda
+
+
+def dev(t):
+    return t.to(DEV, copy=True)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -21,7 +30,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def pair(shapes, dtype, cls, **kw):
     gen = torch.Generator().manual_seed(0)
     cpu = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    gpu = [torch.nn.Parameter(dev(p.detach())) for p in cpu]
     return cpu, cls(cpu, **kw), gpu, cls(gpu, **kw)
 
 
@@ -29,8 +38,9 @@ def step_both(cpu, opt_cpu, gpu, opt_gpu, gen):
     for a, b in zip(cpu, gpu):
         g = (torch.randn(a.shape, generator=gen) * torch.exp(torch.randn(a.shape, generator=gen))).to(a.dtype)
         a.grad = g
-        b.grad = g.cuda()
-    opt_cpu.step()
+        b.grad = dev(g)
+    with reference():
+        opt_cpu.step()
     opt_gpu.step()
 
 
@@ -58,7 +68,7 @@ def compare(cpu, opt_cpu, gpu, opt_gpu, *, exact):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 4097, 10**6 + 3])
+@pytest.mark.parametrize("n", [1, 4097, 10**6 + 3 if GPU else 200_003])
 @pytest.mark.parametrize("cls", [optim8.AdamW8bit, optim8.Adam8bit])
 def test_one_step_bit_exact(cls, n, dtype):
     cpu, oc, gpu, og = pair([(n,)], dtype, cls, lr=1e-2, weight_decay=0.1, min_8bit_size=0)
@@ -79,8 +89,9 @@ def test_ragged_tails_bit_exact(blocksize):
     for i in range(4):
         for a, b in zip(cpu, gpu):
             g = torch.randn(a.shape, generator=gen) * (-1) ** i * 10.0 ** (-3 * i)
-            a.grad, b.grad = g, g.cuda()
-        oc.step()
+            a.grad, b.grad = g, dev(g)
+        with reference():
+            oc.step()
         og.step()
         compare(cpu, oc, gpu, og, exact=True)
 
@@ -91,10 +102,10 @@ def test_ragged_tails_bit_exact(blocksize):
 def test_many_steps_match_reference(bits, blocksize, dtype):
     if bits == 32 and blocksize != 256:
         pytest.skip("blocksize only concerns 8-bit state")
-    shapes = [(1,), (4097,), (1000, 1001), (33, 7), (5000,)]
+    shapes = [(1,), (4097,), (1000, 1001) if GPU else (200, 301), (33, 7), (5000,)]
     cpu, oc, gpu, og = pair(shapes, dtype, optim8.AdamW8bit, lr=3e-3, betas=(0.9, 0.95), optim_bits=bits, blocksize=blocksize, min_8bit_size=4096)
     gen = torch.Generator().manual_seed(2)
-    for _ in range(40):
+    for _ in range(40 if GPU else 20):
         step_both(cpu, oc, gpu, og, gen)
     compare(cpu, oc, gpu, og, exact=False)
 
@@ -107,15 +118,23 @@ def test_many_tensors_one_launch_per_kind():
     compare(cpu, oc, gpu, og, exact=True)
     for p in gpu:
         p.grad = torch.randn_like(p)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        og.step()
-        torch.cuda.synchronize()
-    launches = [e for e in prof.events() if "adam_multi" in e.name]
     kinds = {("exp_avg_absmax" in og.state[p]) for p in gpu}
-    assert len(launches) == len(kinds), [e.name for e in launches]
+    if GPU:
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            og.step()
+            torch.cuda.synchronize()
+        launches = [e.name for e in prof.events() if "adam_multi" in e.name]
+        assert len(launches) == len(kinds), launches
+    else:
+        from optim8.kernels import _launch
+
+        before = _launch._host.launches
+        og.step()
+        assert _launch._host.launches - before == len(kinds)
 
 
+@pytest.mark.gpu
 def test_step_does_not_synchronize():
     model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.LayerNorm(512), torch.nn.Linear(512, 10)).cuda()
     opt = optim8.AdamW8bit(model.parameters(), lr=1e-3)
@@ -138,9 +157,10 @@ def test_nonfinite_gradients_match_reference(dtype):
     step_both(cpu, oc, gpu, og, gen)
     g = torch.randn(5000).to(dtype)
     g[[0, 17, 4999]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
-    cpu[0].grad, gpu[0].grad = g, g.cuda()
+    cpu[0].grad, gpu[0].grad = g, dev(g)
     before = gpu[0].detach().clone()
-    oc.step()
+    with reference():
+        oc.step()
     og.step()
     compare(cpu, oc, gpu, og, exact=True)
     assert torch.equal(gpu[0][[0, 17, 4999]], before[[0, 17, 4999]])
@@ -148,14 +168,15 @@ def test_nonfinite_gradients_match_reference(dtype):
 
 
 def test_unaligned_and_noncontiguous():
-    base = torch.randn(10001, device="cuda")
+    base = torch.randn(10001, device=DEV)
     p = torch.nn.Parameter(base[1:])  # 4-byte offset: scalar path
-    cpu = torch.nn.Parameter(p.detach().cpu())
+    cpu = torch.nn.Parameter(p.detach().cpu().clone())
     og, oc = optim8.AdamW8bit([p], lr=1e-2), optim8.AdamW8bit([cpu], lr=1e-2)
-    p.grad = torch.randn(20000, device="cuda")[::2]  # strided: a non-contiguous gradient
-    cpu.grad = p.grad.cpu()
+    p.grad = torch.randn(20000, device=DEV)[::2]  # strided: a non-contiguous gradient
+    cpu.grad = p.grad.cpu().clone()
     og.step()
-    oc.step()
+    with reference():
+        oc.step()
     assert torch.equal(p.detach().cpu(), cpu.detach())
 
 
@@ -167,19 +188,20 @@ def test_checkpoint_moves_between_cpu_and_cuda():
     buf = io.BytesIO()
     torch.save(oc.state_dict(), buf)
     buf.seek(0)
-    on_cuda = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    on_cuda = [torch.nn.Parameter(dev(p.detach())) for p in cpu]
     opt = optim8.AdamW8bit(on_cuda, lr=1e-2)
     opt.load_state_dict(torch.load(buf, weights_only=True))
-    assert all(t.is_cuda for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    assert all(t.device.type == DEV for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     assert opt.state[on_cuda[2]]["exp_avg"].dtype == torch.float32
-    back = [torch.nn.Parameter(p.detach().cpu()) for p in on_cuda]
+    back = [torch.nn.Parameter(p.detach().cpu().clone()) for p in on_cuda]
     opt_back = optim8.AdamW8bit(back, lr=1e-2)
     opt_back.load_state_dict(opt.state_dict())
     compare(cpu, oc, back, opt_back, exact=True)
     # continuing on CUDA equals continuing on the CPU
     for a, b in zip(cpu, on_cuda):
         g = torch.randn(a.shape, generator=gen).to(a.dtype)
-        a.grad, b.grad = g, g.cuda()
-    oc.step()
+        a.grad, b.grad = g, dev(g)
+    with reference():
+        oc.step()
     opt.step()
     compare(cpu, oc, on_cuda, opt, exact=True)

@@ -1,6 +1,7 @@
-// Shared device helpers for optim8's kernels. Compiled by NVRTC through CuPy with no
-// system or CUDA headers: half and bfloat16 travel as their 16-bit patterns and are
-// converted here, so the sources build the same under every CUDA toolkit.
+// Shared device helpers for optim8's kernels. Compiled by NVRTC (kernels/_nvrtc.py) with no
+// system or CUDA headers, and by the system C++ compiler for the host device: half and
+// bfloat16 travel as their 16-bit patterns and are converted here, so the sources build the
+// same under every CUDA toolkit.
 #pragma once
 
 typedef unsigned char u8;
@@ -12,11 +13,6 @@ struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(f16 x) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
-    return f;
-}
 __device__ __forceinline__ float to_float(bf16 x) {
     return __uint_as_float(((unsigned int)x.bits) << 16);
 }
@@ -24,11 +20,34 @@ __device__ __forceinline__ float to_float(bf16 x) {
 // Round-to-nearest-even, as torch's .to(dtype) does.
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+
+// fp16 conversions: the one place where the GPU build and the host device
+// (kernels/host/cuda_host.h) differ. PTX cvt on the GPU, the compiler's IEEE _Float16 on the
+// host; both widen exactly and narrow with round-to-nearest-even.
+#if defined(OPTIM8_HOST_DEVICE)
+__device__ __forceinline__ float to_float(f16 x) {
+    _Float16 h;
+    __builtin_memcpy(&h, &x.bits, 2);
+    return (float)h;
+}
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
+    const _Float16 h = (_Float16)x;
+    f16 r;
+    __builtin_memcpy(&r.bits, &h, 2);
+    return r;
+}
+#else
+__device__ __forceinline__ float to_float(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
 template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
     f16 r;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
     return r;
 }
+#endif
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
     bf16 r;
     unsigned int u = __float_as_uint(x);
