@@ -602,7 +602,7 @@ def quantize_4bit(
     # Plain torch ops on any device (quantization runs once per weight, not per step).
     packed, absmax, nabs, nmap, offset = quantize_4bit_reference(w.detach(), blocksize, quant_type, bool(double_quant))
     state = QuantState4bit(
-        absmax, _code_cpu(quant_type).to(w.device), blocksize, quant_type, shape, w.dtype, nabs, nmap, offset
+        absmax, _code_cpu(quant_type).to(w.device, copy=True), blocksize, quant_type, shape, w.dtype, nabs, nmap, offset
     )
     return packed.reshape(-1, 1), state
 

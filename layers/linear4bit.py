@@ -2,7 +2,9 @@
 
 ``Linear4bit`` is an ``nn.Linear`` whose ``weight`` becomes a uint8 ``nn.Parameter``
 (``requires_grad=False``) of packed 4-bit codes, ``[ceil(out * in / 2), 1]`` as bitsandbytes
-stores it, with its scales and maps in (non-persistent) buffers::
+stores it, with its scales and maps in plain tensor attributes (not buffers: transformers'
+loader replaces every non-persistent buffer with an empty tensor; these move with the layer in
+``_apply`` and are saved by ``_save_to_state_dict``)::
 
     absmax            fp32 [blocks], or uint8 [blocks] with double quantization
     quant_map         fp32 [16]      the NF4 or FP4 values
@@ -99,7 +101,7 @@ class Linear4bit(nn.Linear):
         self.layer_name: str | None = None
         self.weight.requires_grad_(False)
         for name in _STATE_BUFFERS:
-            self.register_buffer(name, None, persistent=False)
+            setattr(self, name, None)
 
     # ------------------------------------------------------------------ quantization
 
@@ -238,16 +240,13 @@ class Linear4bit(nn.Linear):
                     self._set_quantized(*self._quantized(self.weight.detach().to(probe.device)))
             if probe.dtype.is_floating_point:
                 self.float_dtype = probe.dtype
-        # Scales and maps stay fp32 through .half() / .to(dtype): moved, never cast.
-        kept = {name: self._buffers.pop(name) for name in _STATE_BUFFERS if name in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            target = self.weight.device
-            for name, t in kept.items():
-                if t is not None and t.device != target:
-                    t = torch.empty_like(t, device=target) if t.is_meta else t.to(target)
-                self._buffers[name] = t
+        super()._apply(fn, recurse)
+        # Scales and maps follow the weight's device and stay fp32 through .half() / .to(dtype).
+        target = self.weight.device
+        for name in _STATE_BUFFERS:
+            t = getattr(self, name)
+            if t is not None and t.device != target:
+                setattr(self, name, torch.empty_like(t, device=target) if t.is_meta else t.to(target))
         return self
 
     # ------------------------------------------------------------------ state dict (bitsandbytes' layout)

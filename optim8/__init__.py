@@ -19,7 +19,7 @@ __all__ += ["distributed"]
 from .integrations import install as _install_hf_integration, prepare_for_lora  # noqa: E402
 
 _install_hf_integration()
-__all__ += ["Int8Config", "prepare_for_lora"]
+__all__ += ["Int8Config", "Int4Config", "from_bitsandbytes", "prepare_for_lora"]
 
 
 def __getattr__(name):
@@ -29,4 +29,10 @@ def __getattr__(name):
         except ImportError as error:
             raise ImportError(f"optim8.Int8Config needs transformers 5.x: pip install 'optim8[hf]' ({error})") from error
         return Int8Config
+    if name in ("Int4Config", "from_bitsandbytes"):
+        try:
+            from .integrations import bnb
+        except ImportError as error:
+            raise ImportError(f"optim8.{name} needs transformers 5.x: pip install 'optim8[hf]' ({error})") from error
+        return getattr(bnb, name)
     raise AttributeError(f"module 'optim8' has no attribute {name!r}")

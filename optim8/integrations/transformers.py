@@ -83,7 +83,28 @@ class Int8Config(QuantizationConfigMixin):
         self.skip_modules = list(skip_modules or [])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": self.quant_method, "threshold": self.threshold, "skip_modules": list(self.skip_modules)}
+        # bitsandbytes' config with optim8's entry: a process without optim8 then loads the int8
+        # checkpoint through bitsandbytes or refuses it, never as float weights (see .bnb).
+        from .bnb import bnb_dict
+
+        options = {"bits": 8, "threshold": self.threshold, "skip_modules": list(self.skip_modules)}
+        return bnb_dict(bits=8, skip_modules=self.skip_modules, threshold=self.threshold, optim8=options)
+
+    @classmethod
+    def from_bnb_dict(cls, config_dict: dict) -> "Int8Config":
+        """The config of a bitsandbytes-layout 8-bit checkpoint (optim8's or bitsandbytes'): SCB is the row absmax."""
+        ours = config_dict.get("optim8") or {}
+        skip = ours.get("skip_modules", config_dict.get("llm_int8_skip_modules") or [])
+        config = cls(threshold=ours.get("threshold", config_dict.get("llm_int8_threshold", 6.0)), skip_modules=skip)
+        config.scb_absmax = True
+        return config
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        if config_dict.get("load_in_8bit") or config_dict.get("quant_method") == "bitsandbytes":
+            config = cls.from_bnb_dict(config_dict)
+            return (config, kwargs) if return_unused_kwargs else config
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
 
 class Int8Quantize(ConversionOps):
@@ -149,6 +170,9 @@ class Int8HfQuantizer(HfQuantizer):
         # transformers names the last module by its last parameter and strips only ".weight"; a
         # head with a bias (e.g. BERT's classifier) would otherwise be quantized.
         self.modules_to_not_convert = sorted({name.removesuffix(".bias") for name in skip})
+        from .bnb import ignore_weight_format
+
+        ignore_weight_format(model)
         replaced = 0
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or not should_convert_module(name, self.modules_to_not_convert):
@@ -172,6 +196,10 @@ class Int8HfQuantizer(HfQuantizer):
             )
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized and getattr(self.quantization_config, "scb_absmax", False):
+            from .bnb import convert_loaded_scales
+
+            convert_loaded_scales(model)  # bitsandbytes' layout: SCB was the row absmax
         # A layer whose weight was missing from the checkpoint was initialized in float by
         # transformers; quantize it so that every Linear8bitLt holds int8 codes from here on.
         for module in model.modules():
@@ -181,6 +209,12 @@ class Int8HfQuantizer(HfQuantizer):
         # Trainer: no nn.DataParallel). It does not make transformers treat the model as bitsandbytes'.
         model.is_loaded_in_8bit = True
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: bitsandbytes' layout (``SCB`` = row absmax, ``weight_format``)."""
+        from .bnb import int8_state_dict
+
+        return int8_state_dict(model), {}
 
     def get_quantize_ops(self) -> Int8Quantize:
         return Int8Quantize(self)
@@ -232,6 +266,9 @@ def register() -> None:
             (auto.register_quantization_config if cls is Int8Config else auto.register_quantizer)(QUANT_METHOD)(cls)
         else:
             mapping[QUANT_METHOD] = cls
+    from .bnb import register as register_4bit  # Int4Config, and the routing of bitsandbytes-layout configs
+
+    register_4bit()
 
 
 register()
