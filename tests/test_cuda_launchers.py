@@ -130,3 +130,22 @@ def test_int8_launches(launches, dtype, threshold, m, k, n):
         assert all(kname.startswith("gemv_int8<") for kname in launches.kernels), launches.kernels
     int8._quantize_activations_cuda(x, threshold, int8._round_up(k, 8))
     int8._dequantize_cuda(q, scb, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 33), (16, 4096, 17), (17, 77, 9), (3, 7, 1)])
+def test_4bit_launches(launches, monkeypatch, dtype, double_quant, m, k, n):
+    from optim8.kernels import nf4
+
+    monkeypatch.setattr(nf4, "_functions", {})  # never leave a fake in the real launch cache
+    packed, state = nf4.quantize_4bit(torch.randn(n, k), double_quant=double_quant)
+    x = torch.randn(m, k).to(dtype)
+    nf4._linear_4bit_cuda(x, packed, *state.op_args(), n, torch.randn(n).to(dtype))
+    nf4._grad_input_cuda(torch.randn(m, n).to(dtype), packed, *state.op_args(), k)
+    dq = int(double_quant)
+    if m <= nf4.DECODE_TOKENS:
+        assert launches.kernels[0].startswith(f"gemv_4bit<{nf4._CTYPE[dtype]},")
+        assert launches.kernels[0].endswith(f",{dq}>")
+    assert all(kn.endswith(f",{dq}>") for kn in launches.kernels)
+    assert f"dequantize_4bit<{nf4._CTYPE[dtype]},{dq}>" in launches.kernels
