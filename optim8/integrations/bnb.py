@@ -311,7 +311,8 @@ class Int4HfQuantizer(HfQuantizer):
                     f"the checkpoint holds packed 4-bit weights for {name!r}, but its config keeps that module in "
                     f"float (skip_modules {self.quantization_config.skip_modules})"
                 )
-        model.is_loaded_in_4bit = True
+        # Not `is_loaded_in_4bit`: transformers and peft read that flag as "bitsandbytes' Params4bit
+        # inside" and import bitsandbytes (num_parameters, dispatch); is_quantized is set by transformers.
         return model
 
     def get_quantize_ops(self) -> Int4Quantize:
@@ -339,8 +340,6 @@ class Int4HfQuantizer(HfQuantizer):
                 linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
             parent, child = get_module_from_name(model, name)
             setattr(parent, child, linear)
-        if hasattr(model, "is_loaded_in_4bit"):
-            del model.is_loaded_in_4bit
         return model
 
 

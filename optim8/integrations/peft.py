@@ -30,9 +30,9 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..layers import Linear8bitLt
+from ..layers import Linear4bit, Linear8bitLt
 
-__all__ = ["LoraLinear8bitLt", "register_lora_layer"]
+__all__ = ["LoraLinear4bit", "LoraLinear8bitLt", "register_lora_layer"]
 
 
 class LoraLinear8bitLt(LoraLinear):
@@ -105,6 +105,19 @@ class LoraLinear8bitLt(LoraLinear):
             base.bias.data = bias.to(base.bias.dtype)
 
 
+class LoraLinear4bit(LoraLinear8bitLt):
+    """LoRA adapters on a frozen ``Linear4bit`` base (QLoRA).
+
+    The same layer as :class:`LoraLinear8bitLt`; merge / unmerge dequantize the 4-bit weight, add or
+    subtract ``scale * B @ A`` in fp32 and quantize again with the layer's own quant_type,
+    blocksize and double quantization (lossy by one 4-bit rounding). Adapters start in the
+    layer's ``compute_dtype``, or the float dtype it was built in.
+    """
+
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        return base_layer.weight.device, base_layer.compute_dtype or base_layer.float_dtype
+
+
 def _compute_dtype(layer: Linear8bitLt) -> torch.dtype | None:
     """The float dtype a Linear8bitLt computes in; ``None`` where it cannot be told."""
     dtype = getattr(layer, "compute_dtype", None)
@@ -120,6 +133,9 @@ def _compute_dtype(layer: Linear8bitLt) -> torch.dtype | None:
 @torch.no_grad()
 def requantize_(layer: Linear8bitLt, weight: torch.Tensor) -> None:
     """Replace ``layer``'s int8 weight and ``SCB`` with the row-wise quantization of float ``weight``."""
+    if isinstance(layer, Linear4bit):  # the 4-bit weight and its state, quantized as the layer was
+        layer._set_quantized(*layer._quantized(weight))
+        return
     shell = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
     shell.weight = nn.Parameter(weight, requires_grad=False)
     quantized = Linear8bitLt.from_linear(shell, threshold=layer.threshold)
@@ -131,3 +147,5 @@ def register_lora_layer(config) -> None:
     """Map ``Linear8bitLt`` to ``LoraLinear8bitLt`` in this ``LoraConfig``, unless the user mapped it already."""
     if Linear8bitLt not in (getattr(config, "_custom_modules", None) or {}):
         config._register_custom_module({Linear8bitLt: LoraLinear8bitLt})
+    if Linear4bit not in (getattr(config, "_custom_modules", None) or {}):
+        config._register_custom_module({Linear4bit: LoraLinear4bit})
