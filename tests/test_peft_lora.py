@@ -6,6 +6,7 @@ downloaded.
 
 import pytest
 import torch
+from devices import DEV, GPU
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -254,14 +255,14 @@ def test_lora_variants_needing_float_weights_are_refused(int8_dir):
 @pytest.mark.cuda
 def test_cuda_lora_trains_merges_and_round_trips(int8_dir, tmp_path):
     name, path, auto, targets = int8_dir
-    model = optim8.prepare_for_lora(auto.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}))
+    model = optim8.prepare_for_lora(auto.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0} if GPU else None))
     torch.manual_seed(0)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_CLS" if name == "bert" else None)
     model = peft.get_peft_model(model, config)
     optimizer = optim8.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0)
     model.train()
     losses = []
-    inputs = {k: v.cuda() for k, v in batch(name).items()}
+    inputs = {k: v.to(DEV) for k, v in batch(name).items()}
     for step in range(8):
         loss = model(**inputs).loss
         loss.backward()
@@ -270,15 +271,15 @@ def test_cuda_lora_trains_merges_and_round_trips(int8_dir, tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.95 * losses[0], losses
     assert all(
-        m.get_base_layer().weight.dtype == torch.int8 and m.get_base_layer().weight.is_cuda
+        m.get_base_layer().weight.dtype == torch.int8 and m.get_base_layer().weight.device.type == DEV
         for m in lora_layers(model).values()
     )
     model.eval()
-    ids = batch(name)["input_ids"].cuda()
+    ids = batch(name)["input_ids"].to(DEV)
     with torch.no_grad():
         expected = model(input_ids=ids).logits.float()
     model.save_pretrained(tmp_path / "adapter")
-    base = optim8.prepare_for_lora(auto.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}))
+    base = optim8.prepare_for_lora(auto.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0} if GPU else None))
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits.float(), expected)
