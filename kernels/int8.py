@@ -449,6 +449,21 @@ def _(grad, q, scb):
     return grad @ _dequantize_cuda(q, scb, grad.dtype)
 
 
+def _grad_input_setup_context(ctx, inputs, output):
+    _, q, scb = inputs
+    ctx.save_for_backward(q, scb)
+
+
+def _grad_input_backward(ctx, grad_grad_x):
+    # grad_x = grad @ W is linear in grad: its own backward is the straight-through product
+    # grad_grad_x @ W^T (double backward, create_graph=True); W (int8 codes, scales) takes none.
+    q, scb = ctx.saved_tensors
+    return grad_grad_x @ _dequantize_op(q, scb, grad_grad_x.dtype).t(), None, None
+
+
+_grad_input_op.register_autograd(_grad_input_backward, setup_context=_grad_input_setup_context)
+
+
 def _setup_context(ctx, inputs, output):
     x, q, scb, bias, threshold = inputs
     # Only what the backward reads: the (frozen, already resident) int8 weight and scales.
@@ -494,6 +509,41 @@ class _Int8LinearEager(torch.autograd.Function):
 # ------------------------------------------------------------------------ public API
 
 
+def _check_scb(q: torch.Tensor, scb: torch.Tensor, where: str) -> None:
+    """SCB must be fp32 ``[N]`` for ``q [N, K]``, on q's device, finite and >= 0 (0: an all-zero row).
+
+    The values are read once per version of the tensor (``scb._version`` counts in-place
+    writes), so a layer's forward pays one host sync for its scales, not one per call.
+    """
+    if not isinstance(scb, torch.Tensor) or scb.dtype != torch.float32:
+        got = scb.dtype if isinstance(scb, torch.Tensor) else type(scb).__name__
+        raise TypeError(f"{where}: SCB (the row scales) must be a float32 tensor, got {got}")
+    if scb.dim() != 1 or scb.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"{where}: SCB has shape {tuple(scb.shape)} but the int8 weight has {q.shape[0]} rows; it needs one "
+            f"scale per row, shape ({q.shape[0]},)"
+        )
+    if scb.device != q.device:
+        raise ValueError(f"{where}: SCB is on {scb.device} but the int8 weight on {q.device}; put them on one device")
+    if type(scb) is not torch.Tensor or scb.is_meta or torch.compiler.is_compiling() or not scb.numel():
+        return
+    try:
+        version = scb._version
+    except RuntimeError:  # inference tensors have no version counter: check every time
+        version = None
+    if version is not None and getattr(scb, "_optim8_checked_version", None) == version:
+        return
+    bad = ~(torch.isfinite(scb) & (scb >= 0))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{where}: SCB holds {int(bad.sum())} scales that are NaN, infinite or negative (rows {rows}...); "
+            "the checkpoint or the tensor passed in is damaged. Re-quantize the float weight (quantize_rowwise)"
+        )
+    if version is not None:
+        scb._optim8_checked_version = version
+
+
 def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float ``[N, K]`` weight to ``(q int8 [N, K], SCB fp32 [N])``; ``W ~= q * SCB[:, None]``.
 
@@ -515,8 +565,11 @@ def dequantize_rowwise(q: torch.Tensor, scb: torch.Tensor, *, dtype: torch.dtype
     """``(q * SCB[:, None])`` computed in fp32 and rounded once to ``dtype``."""
     if q.dtype != torch.int8 or scb.dtype != torch.float32:
         raise TypeError(f"dequantize_rowwise takes int8 codes and fp32 scales, got {q.dtype} and {scb.dtype}")
+    if q.dim() != 2:
+        raise ValueError(f"dequantize_rowwise takes a 2-D [out_features, in_features] weight, got shape {tuple(q.shape)}")
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16, float64), got {dtype}")
+    _check_scb(q, scb, "dequantize_rowwise")
     return _dequantize_op(q, scb, dtype)
 
 
@@ -551,11 +604,23 @@ def int8_linear(
         raise ValueError(
             f"int8_linear: x is on {x.device}, q on {q.device}, SCB on {scb.device}; put them on one device"
         )
+    _check_scb(q, scb, "int8_linear")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != q.shape[0] or bias.device != q.device):
+        raise ValueError(
+            f"int8_linear: bias has shape {tuple(bias.shape)} on {bias.device}; the int8 weight needs shape "
+            f"({q.shape[0]},) on {q.device}"
+        )
     if type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
         return _Int8LinearEager.apply(x, q, scb, bias, float(threshold))
     return _int8_linear_op(x, q, scb, bias, float(threshold))
 
 
 def int8_linear_grad_input(grad: torch.Tensor, q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """``grad[M, N] @ dequantize_rowwise(q, SCB)`` in grad's dtype."""
+    """``grad[M, N] @ dequantize_rowwise(q, SCB)`` in grad's dtype (differentiable in ``grad``)."""
+    if grad.dim() != 2 or q.dim() != 2 or q.dtype != torch.int8 or grad.shape[1] != q.shape[0]:
+        raise ValueError(
+            f"int8_linear_grad_input takes grad [M, N] and int8 q [N, K]; got grad {tuple(grad.shape)} and "
+            f"{q.dtype} q {tuple(q.shape)}"
+        )
+    _check_scb(q, scb, "int8_linear_grad_input")
     return _grad_input_op(grad, q, scb)

@@ -20,7 +20,9 @@ gradient overflows) is skipped, its parameter and moments left as they were; the
 elements of the tensor, and their 8-bit blocks, are updated normally. (With fp16 mixed
 precision, ``torch.amp.GradScaler`` skips the whole step before this matters.)
 
-Not supported (clear errors): sparse gradients, ``amsgrad=True``. A tensor ``lr`` is
+Not supported (clear errors): sparse gradients, ``amsgrad=True``, ``eps=0`` with 8-bit state
+(torch accepts it; an 8-bit second moment can round to zero under a non-zero first moment, and
+the step would be infinite; 32-bit state takes ``eps=0`` as torch does). A tensor ``lr`` is
 accepted but read with ``float()`` every step (a host sync if it lives on a GPU): pass a
 Python float to keep ``step()`` free of synchronization.
 """
@@ -35,6 +37,11 @@ from .kernels.adam import adam_scalars, adam_step
 from .optimizer import Optimizer8bit
 
 __all__ = ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit"]
+
+_EPS_ZERO_8BIT = (
+    "eps=0 is not supported with 8-bit state: a second moment that rounds to zero in 8 bits while its first "
+    "moment does not makes the step m / 0, infinite. Use eps > 0 (torch's default is 1e-8) or optim_bits=32"
+)
 
 
 class Adam8bit(Optimizer8bit):
@@ -67,7 +74,7 @@ class Adam8bit(Optimizer8bit):
         if amsgrad:
             raise ValueError(f"{type(self).__name__} does not implement amsgrad=True; use torch.optim.AdamW(amsgrad=True)")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay)
-        self._check_hyperparameters(defaults)
+        self._check_hyperparameters(dict(defaults, optim_bits=optim_bits))
         super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size, blocksize=blocksize)
 
     def _check_hyperparameters(self, group: dict) -> None:
@@ -78,18 +85,27 @@ class Adam8bit(Optimizer8bit):
             raise ValueError(f"Invalid learning rate: {float(lr)} (must be >= 0 and finite)")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+            raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
         for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+            if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor beta at index {i} must be 1-element, got {beta.numel()} elements")
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {float(beta)} (must be in [0, 1))")
         if not 0.0 <= eps < math.inf:
             raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0 and finite)")
+        if eps == 0 and group.get("optim_bits") == 8:
+            raise ValueError(_EPS_ZERO_8BIT)
         if not 0.0 <= wd < math.inf:
             raise ValueError(f"Invalid weight_decay value: {wd} (must be >= 0 and finite)")
 
+    def _check_step(self, group: dict, params: list) -> None:
+        # eps=0 in a 32-bit group is torch's behaviour, except for parameters set_optim_bits made 8-bit
+        if group["eps"] == 0 and any("exp_avg_absmax" in self.state.get(p, ()) or self._wants_8bit(p, group) for p in params):
+            raise ValueError(_EPS_ZERO_8BIT)
+
     def _update_batch(self, group: dict, batch: list, *, state8: bool, step: int) -> None:
-        # LR schedulers may set a new lr (or betas) between steps: re-check what the kernel gets.
-        self._check_hyperparameters(group)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(beta) for beta in group["betas"])
         scalars = adam_scalars(
             lr=float(group["lr"]),
             beta1=beta1,

@@ -24,9 +24,18 @@ different block counts), so it is returned as a DTensor of global shape
 those leading dims (replicated over replicated mesh dims, as HSDP replicas hold equal
 state), each row zero-padded to ``max_blocks``, the block count of the largest shard
 (shard 0). :func:`restore_state` undoes all of this on load. Because the absmax rows belong
-to shards, such a checkpoint resumes on the same mesh shape (and sharding); loading it with
-another world size fails in DCP with "Size mismatch" on an ``*_absmax`` entry rather than
-misreading it.
+to shards, a sharded checkpoint resumes on the same mesh shape (and sharding); loading it with
+another world size fails in DCP with "Size mismatch" on an ``*_absmax`` entry, and a state
+dict distributed onto another layout by ``set_optimizer_state_dict`` is refused by
+:func:`restore_state`, rather than misread.
+
+The gathered state (``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``)
+holds whole-parameter codes and the ``[shards, max_blocks]`` absmax. Loaded into an optimizer
+of unsharded parameters (a single process, or DDP) it is re-blocked:
+:func:`gathered_shard_values` dequantizes each shard's blocks, assuming FSDP2's default
+layout (``Shard(0)``: shard ``i`` holds ``torch.chunk(p, shards, dim=0)[i]``; checked where the
+absmax allows), and the optimizer quantizes the whole parameter again onto its own blocks:
+every value within one quantization step of what the shards held.
 
 Usage (all collective; see the README)::
 
@@ -48,7 +57,10 @@ import sys
 
 import torch
 
-__all__ = ["local_tensor", "is_dtensor", "checkpoint_state", "restore_state", "checkpoint_state_dict", "fully_shard"]
+__all__ = [
+    "local_tensor", "is_dtensor", "checkpoint_state", "restore_state", "checkpoint_state_dict", "gathered_shard_values",
+    "fully_shard",
+]
 
 _ABSMAX_SUFFIX = "_absmax"
 
@@ -162,6 +174,15 @@ def restore_state(p: torch.Tensor, state: dict, *, blocksize: int) -> dict:
             raise ValueError(f"optimizer state '{key}' lives on mesh {value.device_mesh}, its parameter on {p.device_mesh}")
         shard = value._local_tensor
         if key.endswith(_ABSMAX_SUFFIX):
+            lead, _, largest = _absmax_layout(p)
+            expected = lead + (math.ceil(largest / blocksize),)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"optimizer state '{key}' has the global shape {tuple(value.shape)}, but this parameter "
+                    f"(shape {tuple(p.shape)}, sharded {p.placements} on mesh {tuple(p.device_mesh.shape)}) keeps "
+                    f"{expected}: the state was saved on another world size or mesh. Resume on the mesh it was "
+                    "saved on, or load its gathered (full_state_dict) form into an unsharded model and optimizer"
+                )
             n = math.ceil(local.numel() / blocksize)
             if shard.numel() < n:
                 raise ValueError(f"optimizer state '{key}' holds {shard.numel()} blocks on this rank; the local shard needs {n}")
@@ -171,6 +192,44 @@ def restore_state(p: torch.Tensor, state: dict, *, blocksize: int) -> dict:
                 raise ValueError(f"optimizer state '{key}' is placed {value.placements}, its parameter {p.placements}")
             out[key] = shard
     return out
+
+
+def gathered_shard_values(codes: torch.Tensor, absmax: torch.Tensor, *, blocksize: int, signed: bool) -> torch.Tensor:
+    """The fp32 values of gathered FSDP2 8-bit state: whole-parameter ``codes``, ``absmax`` one row per shard.
+
+    Shard ``i`` is taken to be ``torch.chunk(p, shards, dim=0)[i]`` (FSDP2's default ``Shard(0)``)
+    and its flat elements to be quantized in blocks of ``blocksize`` of their own, its row
+    zero-padded past its block count (see the module docstring). Raises ``ValueError`` when the
+    absmax cannot be that layout (another sharding: resume it on its own mesh instead).
+    """
+    from .kernels.blockwise import dequantize_blockwise
+
+    if absmax.dim() != 2 or codes.dim() == 0:
+        raise ValueError(
+            f"absmax of shape {tuple(absmax.shape)} for a parameter of shape {tuple(codes.shape)}: only state "
+            "sharded over one mesh dimension (FSDP2's Shard(0), HSDP) can be re-blocked; resume it on the mesh it "
+            "was saved on"
+        )
+    shards, capacity = absmax.shape
+    rows = codes.shape[0]
+    per_row = codes.numel() // rows if rows else 0
+    chunk = math.ceil(rows / shards) if rows else 0
+    flat = codes.reshape(-1)
+    values = torch.empty(codes.numel(), dtype=torch.float32, device=codes.device)
+    for i in range(shards):
+        start, end = min(i * chunk, rows) * per_row, min((i + 1) * chunk, rows) * per_row
+        blocks = math.ceil((end - start) / blocksize)
+        if (i == 0 and blocks != capacity) or blocks > capacity or bool((absmax[i, blocks:] != 0).any()):
+            raise ValueError(
+                f"absmax of shape {tuple(absmax.shape)} does not fit a parameter of shape {tuple(codes.shape)} "
+                f"chunked along dim 0 into {shards} shards with blocks of {blocksize}: it was sharded otherwise; "
+                "resume it on the mesh it was saved on"
+            )
+        if end > start:
+            values[start:end] = dequantize_blockwise(
+                flat[start:end], absmax[i, :blocks].contiguous(), blocksize=blocksize, signed=signed
+            )
+    return values.view(codes.shape)
 
 
 def _contiguous_stride(shape) -> tuple[int, ...]:
