@@ -179,7 +179,9 @@ class Linear8bitLt(nn.Linear):
         device_type = x.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        out = int8_linear(x.reshape(-1, self.in_features), self.weight, self.SCB, self.bias, threshold=self.threshold)
+        # explicit row count: reshape(-1, 0) cannot infer it (in_features=0 works as in nn.Linear)
+        rows = math.prod(x.shape[:-1])
+        out = int8_linear(x.reshape(rows, self.in_features), self.weight, self.SCB, self.bias, threshold=self.threshold)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -253,6 +255,14 @@ class Linear8bitLt(nn.Linear):
                     f"(in_features={self.in_features}, out_features={self.out_features}) expects {expected}"
                 )
                 return
+            bias = state_dict.get(prefix + "bias")
+            if bias is not None and self.bias is not None and tuple(bias.shape) != (self.out_features,):
+                # refused before the weight loads: a layer never holds half of a checkpoint
+                error_msgs.append(
+                    f"size mismatch for {prefix}bias: the checkpoint holds shape {tuple(bias.shape)} but {where} "
+                    f"expects ({self.out_features},)"
+                )
+                return
             if weight.is_floating_point():
                 # An nn.Linear (float) checkpoint: quantize it, on this layer's device unless
                 # the layer is still on the meta device.
@@ -276,6 +286,13 @@ class Linear8bitLt(nn.Linear):
                         f"of shape {tuple(scb.shape)}"
                     )
                     return
+                bad = _bad_scales(scb)
+                if bad:
+                    error_msgs.append(
+                        f"{where}: {skey} holds {bad} row scales that are NaN, infinite or negative: the checkpoint "
+                        "is damaged (scales are finite and >= 0; 0 for an all-zero row)"
+                    )
+                    return
             else:
                 error_msgs.append(f"{where}: {wkey} must be int8 or floating point, got {weight.dtype}")
                 return
@@ -286,6 +303,28 @@ class Linear8bitLt(nn.Linear):
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _bad_scales(scb: torch.Tensor) -> int:
+    """How many row scales are NaN, infinite or negative (0 on the meta device: nothing to read)."""
+    if scb.is_meta or not scb.numel():
+        return 0
+    return int((~(torch.isfinite(scb) & (scb >= 0))).sum())
+
+
+def check_scales(layer: "Linear8bitLt", name: str = "") -> None:
+    """Raise ``ValueError`` unless a quantized layer's ``SCB`` is fp32 ``[out_features]``, finite and >= 0."""
+    if not layer.is_quantized:
+        return
+    where = f"Linear8bitLt {name or layer.layer_name or ''!r}"
+    scb = layer.SCB
+    if scb.dtype != torch.float32 or tuple(scb.shape) != (layer.out_features,):
+        raise ValueError(f"{where}: SCB must be float32 of shape ({layer.out_features},), got {scb.dtype} {tuple(scb.shape)}")
+    bad = _bad_scales(scb)
+    if bad:
+        raise ValueError(
+            f"{where}: SCB holds {bad} row scales that are NaN, infinite or negative: the checkpoint is damaged"
         )
 
 

@@ -2,13 +2,13 @@
 
 from . import kernels, layers
 from .adam import Adam8bit, Adam32bit, AdamW8bit, AdamW32bit
-from .optimizer import Optimizer8bit, set_optim_bits
+from .optimizer import Optimizer8bit, set_optim_bits, to_torch_state_dict
 from .layers import Linear4bit, Linear8bitLt, quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = ["kernels", "layers", "__version__"]
-__all__ += ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit", "Optimizer8bit", "set_optim_bits"]
+__all__ += ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit", "Optimizer8bit", "set_optim_bits", "to_torch_state_dict"]
 __all__ += ["Linear8bitLt", "Linear4bit", "quantize_model"]
 from . import distributed  # noqa: E402  (DTensor/FSDP2 helpers; never imports torch.distributed.tensor)
 

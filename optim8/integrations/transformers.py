@@ -37,10 +37,14 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..layers import Linear8bitLt
+from ..layers.linear8bit import check_scales
 
 QUANT_METHOD = "optim8"
 
 __all__ = ["QUANT_METHOD", "Int8Config", "Int8HfQuantizer", "register"]
+
+
+_DEFAULT_SKIP = ("lm_head",)
 
 
 class Int8Config(QuantizationConfigMixin):
@@ -53,7 +57,9 @@ class Int8Config(QuantizationConfigMixin):
         skip_modules: module names kept in float, matched as transformers matches
             ``modules_to_not_convert`` (prefix at a module boundary, regex, or suffix). Tied
             weights, the output embeddings and the model's ``_keep_in_fp32_modules`` are kept in
-            float in any case.
+            float in any case. Quantizing a float checkpoint, an entry that matches no module of
+            the model is an error (a misspelt name would leave that layer quantized); ``"lm_head"``
+            (the default) is exempt, for models without one.
 
     Serialized as ``{"quant_method": "optim8", "threshold": ..., "skip_modules": [...]}``.
     """
@@ -62,7 +68,7 @@ class Int8Config(QuantizationConfigMixin):
         self,
         *,
         threshold: float = 6.0,
-        skip_modules: list[str] | tuple[str, ...] | None = ("lm_head",),
+        skip_modules: list[str] | tuple[str, ...] | None = _DEFAULT_SKIP,
         quant_method: str = QUANT_METHOD,
         **unexpected: Any,
     ):
@@ -78,6 +84,9 @@ class Int8Config(QuantizationConfigMixin):
             raise ValueError(f"Int8Config threshold must be >= 0 (inf or 0 turn outlier columns off), got {threshold}.")
         if isinstance(skip_modules, str):
             raise TypeError(f"Int8Config skip_modules must be a list of module names, got the string {skip_modules!r}.")
+        wrong = [entry for entry in skip_modules or () if not isinstance(entry, str)]
+        if wrong:
+            raise TypeError(f"Int8Config skip_modules must hold module names (strings), got {wrong!r}.")
         self.quant_method = QUANT_METHOD
         self.threshold = threshold
         self.skip_modules = list(skip_modules or [])
@@ -163,7 +172,23 @@ class Int8HfQuantizer(HfQuantizer):
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, Linear8bitLt) and tensor_name == "weight"
 
+    def _check_skip_modules(self, model) -> None:
+        names = [name for name, _ in model.named_modules() if name]
+        unmatched = [
+            entry
+            for entry in self.quantization_config.skip_modules
+            if entry not in _DEFAULT_SKIP and all(should_convert_module(name, [entry]) for name in names)
+        ]
+        if unmatched:
+            linears = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+            raise ValueError(
+                f"Int8Config skip_modules {unmatched} match no module of {type(model).__name__}, so nothing would be "
+                f"kept in float for them; its nn.Linear modules are {linears[:8]}{' ...' if len(linears) > 8 else ''}"
+            )
+
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+        if not self.pre_quantized:  # a saved config.json is checked when its checkpoint loads (int8 weights)
+            self._check_skip_modules(model)
         skip = self.get_modules_to_not_convert(
             model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
         )
@@ -200,11 +225,19 @@ class Int8HfQuantizer(HfQuantizer):
             from .bnb import convert_loaded_scales
 
             convert_loaded_scales(model)  # bitsandbytes' layout: SCB was the row absmax
-        # A layer whose weight was missing from the checkpoint was initialized in float by
-        # transformers; quantize it so that every Linear8bitLt holds int8 codes from here on.
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, Linear8bitLt):
+                # A layer whose weight was missing from the checkpoint was initialized in float by
+                # transformers; quantize it so that every Linear8bitLt holds int8 codes from here on.
                 module.quantize()
+                check_scales(module, name)  # pre-quantized scales arrive without _load_from_state_dict
+            elif isinstance(module, nn.Linear) and module.weight.dtype == torch.int8:
+                raise ValueError(
+                    f"the checkpoint holds int8 (quantized) weights for {name!r}, but its config.json keeps that module "
+                    f"in float (quantization_config skip_modules {self.quantization_config.skip_modules}, or "
+                    "transformers' own defaults); remove it from skip_modules in config.json, or load the float "
+                    "checkpoint it was quantized from"
+                )
         # The flag peft and Trainer look for on 8-bit models (peft: prepare_model_for_kbit_training;
         # Trainer: no nn.DataParallel). It does not make transformers treat the model as bitsandbytes'.
         model.is_loaded_in_8bit = True
