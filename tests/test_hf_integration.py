@@ -149,12 +149,18 @@ def test_save_pretrained_round_trip_is_identical(saved, tmp_path, reload_config)
     model.save_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "optim8", "threshold": 4.0, "skip_modules": ["lm_head"]}
+    # bitsandbytes' layout (optim8.integrations.bnb): SCB is the row absmax on disk
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] and qc["llm_int8_threshold"] == 4.0
+    assert qc["optim8"] == {"bits": 8, "threshold": 4.0, "skip_modules": ["lm_head"]}
     with safetensors.safe_open(str(tmp_path / "model.safetensors"), "pt") as stored:
         dtypes = {key: stored.get_slice(key).get_dtype() for key in stored.keys()}
-    for layer_name, layer in model.named_modules():
-        if isinstance(layer, Linear8bitLt):
-            assert dtypes[f"{layer_name}.weight"] == "I8" and dtypes[f"{layer_name}.SCB"] == "F32"
+        for layer_name, layer in model.named_modules():
+            if isinstance(layer, Linear8bitLt):
+                assert dtypes[f"{layer_name}.weight"] == "I8" and dtypes[f"{layer_name}.SCB"] == "F32"
+                assert dtypes[f"{layer_name}.weight_format"] == "U8"
+                absmax = stored.get_tensor(f"{layer_name}.SCB")
+                assert torch.equal(absmax / torch.full_like(absmax, 127.0), layer.SCB)
 
     kwargs = {} if reload_config is None else {"quantization_config": optim8.Int8Config(threshold=4.0)}
     with pytest.warns(UserWarning) if reload_config else contextlib.nullcontext():

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, _IdentityOp
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -246,6 +246,11 @@ class Int4Deserialize(ConversionOps):
         module._is_hf_initialized = True
         return {"weight": module.weight}
 
+    @property
+    def reverse_op(self) -> ConversionOps:
+        # Saving: the layer's state dict is already the serialized layout; nothing to undo.
+        return _IdentityOp()
+
 
 class Int4HfQuantizer(HfQuantizer):
     """transformers' side of ``Int4Config``: module swap before loading, per-weight quantization while loading."""
@@ -417,3 +422,6 @@ def from_bitsandbytes(path_or_hub_id, *, auto_class=None, **kwargs):
     # Rewritten as optim8's bitsandbytes-layout config: the wrapped from_dict makes it ours.
     config.quantization_config = config_from_dict(qc).to_dict()
     return auto_class.from_pretrained(path_or_hub_id, config=config, **kwargs)
+
+
+register()

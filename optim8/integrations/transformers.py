@@ -27,6 +27,7 @@ is), see ``optim8.integrations``; this module imports transformers and is import
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import torch
@@ -299,9 +300,13 @@ def register() -> None:
             (auto.register_quantization_config if cls is Int8Config else auto.register_quantizer)(QUANT_METHOD)(cls)
         else:
             mapping[QUANT_METHOD] = cls
-    from .bnb import register as register_4bit  # Int4Config, and the routing of bitsandbytes-layout configs
+    # Int4Config, and the routing of bitsandbytes-layout configs. When .bnb is what is importing
+    # transformers right now, it registers itself once its own body has run.
+    bnb = sys.modules.get(f"{__package__}.bnb")
+    if bnb is None or hasattr(bnb, "register"):
+        from .bnb import register as register_4bit
 
-    register_4bit()
+        register_4bit()
 
 
 register()
