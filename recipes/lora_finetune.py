@@ -2,6 +2,7 @@
 
     python recipes/lora_finetune.py                        # offline defaults, about 3 minutes on a 2-core CPU
     python recipes/lora_finetune.py --model Qwen/Qwen2.5-0.5B --data my_text.jsonl --max-steps 500
+    python recipes/lora_finetune.py --bits 4                # QLoRA: NF4 base with double quantization
 
 What it does:
 
@@ -45,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-targets", default="all-linear", help=(
         "comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear for every linear layer "
         "but the output head (default: %(default)s)"))
-    int8 = parser.add_argument_group("int8 base")
+    int8 = parser.add_argument_group("quantized base")
+    int8.add_argument("--bits", type=int, default=8, choices=[8, 4], help=(
+        "8: LLM.int8() Linear8bitLt base; 4: QLoRA Linear4bit base (default: %(default)s)"))
+    int8.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit code (default: %(default)s)")
     int8.add_argument("--threshold", type=float, default=6.0, help=(
         "LLM.int8() outlier threshold: input columns with a magnitude at or above it run in float "
         "(0 turns the decomposition off; default: %(default)s)"))
@@ -89,15 +93,24 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = common.load_tokenizer(model_source)
     train_set, eval_set, data_tokens = common.build_blocks(dataset, tokenizer, args)
 
+    if args.bits == 4:
+        quantization_config = optim8.Int4Config(quant_type=args.quant_type, compute_dtype=runtime.compute_dtype)
+        layer_class = optim8.Linear4bit
+    else:
+        quantization_config = optim8.Int8Config(threshold=args.threshold)
+        layer_class = optim8.Linear8bitLt
     model = AutoModelForCausalLM.from_pretrained(
         model_source,
-        quantization_config=optim8.Int8Config(threshold=args.threshold),
+        quantization_config=quantization_config,
         dtype=runtime.compute_dtype,
         device_map={"": runtime.device.index} if runtime.device.type == "cuda" else None,
     )
-    n_int8 = sum(isinstance(m, optim8.Linear8bitLt) for m in model.modules())
+    quantized = [m for m in model.modules() if isinstance(m, layer_class)]
+    n_int8 = len(quantized)
     if n_int8 == 0:
-        raise common.RecipeError(f"{model_description} has no linear layers that Int8Config quantized; LoRA over int8 needs nn.Linear layers")
+        raise common.RecipeError(f"{model_description} has no linear layers that {type(quantization_config).__name__} quantized; LoRA over a quantized base needs nn.Linear layers")
+    base_weights = sum(m.in_features * m.out_features for m in quantized)
+    base_bytes = sum(m.nbytes() if args.bits == 4 else m.weight.numel() + 4 * m.SCB.numel() for m in quantized)
     model = optim8.prepare_for_lora(model, gradient_checkpointing=args.gradient_checkpointing)
     lora_config = peft.LoraConfig(
         r=args.lora_r,
@@ -142,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     batch_tokens = args.batch_size * args.grad_accum * args.seq_len
     record = common.RunRecord(
         recipe=RECIPE,
-        model=f"{model_description}; int8 base ({n_int8} Linear8bitLt layers, threshold {args.threshold:g}), "
+        model=f"{model_description}; "
+              + (f"int8 base ({n_int8} Linear8bitLt, threshold {args.threshold:g}), " if args.bits == 8 else
+                 f"4-bit base ({n_int8} Linear4bit, {args.quant_type}, double quant), ")
+              + f"{8 * base_bytes / base_weights:.3f} bits/weight, "
               f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {args.lora_targets if isinstance(args.lora_targets, str) else ','.join(args.lora_targets)}",
         data=data_description,
         device=runtime.describe(),
@@ -163,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         peak_memory_kind=peak_kind,
         optimizer_state_bytes=common.optimizer_state_bytes(optimizer),
         outputs={"adapters": str(adapter_dir)},
-        extra={"gradient_checkpointing": args.gradient_checkpointing, "model_source": model_source},
+        extra={"gradient_checkpointing": args.gradient_checkpointing, "model_source": model_source, "bits": args.bits,
+               "base_bytes_per_weight": base_bytes / base_weights},
     )
     record.total_seconds = common.now() - started
     common.finish(record, trainer.state.log_history, args.output_dir)

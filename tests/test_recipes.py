@@ -136,6 +136,18 @@ def test_lora_on_a_local_jsonl(tiny_model, jsonl_file, tmp_path, capsys):
     assert "optim8 lora_finetune: summary" in printed and str(out / "adapter") in printed
 
 
+def test_qlora_bits_4_on_a_local_jsonl(tiny_model, jsonl_file, tmp_path, capsys):
+    out = tmp_path / "qlora"
+    code = common.run_main(lora_finetune.main, ["--model", str(tiny_model), "--data", str(jsonl_file), "--text-column", "body",
+                                                "--output-dir", str(out), "--lora-r", "4", "--bits", "4", *SHORT])
+    assert code == 0, capsys.readouterr().err
+    summary = _summary(out)
+    assert "Linear4bit" in summary["model"] and "bits/weight" in summary["model"]
+    # 0.516 bytes at scale; a tiny model's layers carry relatively more of the 1 KiB of maps
+    assert summary["extra"]["bits"] == 4 and 0.5 < summary["extra"]["base_bytes_per_weight"] < 1.0
+    assert _lora_b_norm(out / "adapter") > 0
+
+
 def test_lora_adapters_reload_with_peft(tiny_model, txt_file, tmp_path):
     import optim8
     import peft
