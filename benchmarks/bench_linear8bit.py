@@ -1,6 +1,6 @@
 """Speed and accuracy of optim8.Linear8bitLt against fp16/bf16 nn.Linear and bitsandbytes' Linear8bitLt.
 
-    python benchmarks/bench_linear8bit.py [--out benchmarks/results/linear8bit.md] [--quick]
+    python benchmarks/bench_linear8bit.py [--out benchmarks/results/linear8bit.md] [--quick] [--dry-run]
 
 One process, one device, side by side. Layers (in x out) 4096x4096 and 4096x14336; 1, 16,
 256, 2048 and 8192 tokens; fp16 and bf16 activations. Timed with CUDA events (median of 30).
@@ -14,27 +14,33 @@ One process, one device, side by side. Layers (in x out) 4096x4096 and 4096x1433
 
 Bars (issue 4): forward <= 1.3x fp16 at >= 2048 tokens; <= 1.0x at 1-16 tokens on
 4096x14336; forward+input-grad <= 1.3x at 4096 tokens. bitsandbytes runs at threshold 6.
+
+Headlines (``SUMMARY`` lines), 4096x4096 fp16 without outliers, optim8 against nn.Linear:
+forward at 1 token (bar <= 1.0x), at 2048 tokens (bars <= 1.3x of issue 4, <= 1.1x of
+issue 12), forward + input gradient at 4096 tokens (bar <= 1.3x). ``--dry-run``: layers
+128x128 and 128x256, at most 32 tokens, on the CPU with the host device running the kernels
+(``_common.py``); no CUDA graphs and no bitsandbytes there.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 
 import torch
 from torch import nn
 
+import _common as C
 from optim8 import Linear8bitLt
-import functools
-
-from _common import cuda_time_ms as _cuda_time_ms
-from _common import write_report
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 TOKENS = [1, 16, 256, 2048, 8192]
+BWD_TOKENS, ERR_TOKENS, HEADLINE_TOKENS = 4096, 2048, 2048
+DRY_SHAPES = [(128, 128), (128, 256)]
+DRY_TOKENS = [1, 4, 32]  # DRY_TOKENS[-1] stands in for BWD_TOKENS, ERR_TOKENS and HEADLINE_TOKENS
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-cuda_time_ms = functools.partial(_cuda_time_ms, warmup=5, iters=30)
-
+time_ms = functools.partial(C.time_ms, warmup=5, iters=30)
 
 
 def graphed(fn):
@@ -68,17 +74,17 @@ def bnb_layer(ref: nn.Linear):
 
 
 def activations(tokens, k, dtype, outliers, requires_grad=False):
-    x = torch.randn(tokens, k, device="cuda")
+    x = torch.randn(tokens, k, device=C.device())
     if outliers:
-        cols = torch.randperm(k, device="cuda")[: max(1, round(0.004 * k))]
+        cols = torch.randperm(k, device=C.device())[: max(1, round(0.004 * k))]
         x[:, cols] *= 25
     return x.to(dtype).requires_grad_(requires_grad)
 
 
 def maybe_time(fn):
-    """cuda_time_ms(fn), or None (printed) where the layer refuses the input (e.g. bitsandbytes and bf16)."""
+    """time_ms(fn), or None (printed) where the layer refuses the input (e.g. bitsandbytes and bf16)."""
     try:
-        return cuda_time_ms(fn)
+        return time_ms(fn)
     except Exception as error:
         print(f"skipped: {type(error).__name__}: {error}")
         return None
@@ -88,33 +94,44 @@ def fmt(ms):
     return "n/a" if ms is None else f"{ms:.3f}"
 
 
-def ratio(a, b):
-    return "n/a" if a is None or b is None else f"{a / b:.2f}x"
+ratio = C.ratio
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/linear8bit.md")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/linear8bit.md")
     ap.add_argument("--quick", action="store_true", help="fp16 only, fewer token counts (a smoke run)")
+    C.add_dry_run_argument(ap)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
+    with C.session(args.dry_run):
+        run(args)
+
+
+def run(args):
     torch.manual_seed(0)
+    dry = C.dry_run()
     dtypes = {"fp16": torch.float16} if args.quick else DTYPES
     tokens_list = [1, 16, 2048] if args.quick else TOKENS
+    shapes, bwd_tokens, err_tokens, headline_tokens = SHAPES, BWD_TOKENS, ERR_TOKENS, HEADLINE_TOKENS
+    if dry:
+        shapes, tokens_list = DRY_SHAPES, DRY_TOKENS
+        bwd_tokens = err_tokens = headline_tokens = DRY_TOKENS[-1]
     try:
         import bitsandbytes
 
         bnb_version = bitsandbytes.__version__
     except ImportError:
         bnb_version = None
+    if dry:
+        bnb_version = None  # its layer is a CUDA one; the dry run checks this script, not bitsandbytes
 
+    times = {}  # (k, n, dtype name, tokens, outliers, "fwd" | "bwd") -> (float ms, optim8 ms)
     fwd_rows, bwd_rows, err_rows = [], [], []
-    for k, n in SHAPES:
-        ref32 = nn.Linear(k, n, device="cuda")
-        bnb = bnb_layer(ref32)
+    for k, n in shapes:
+        ref32 = nn.Linear(k, n, device=C.device())
+        bnb = bnb_layer(ref32) if bnb_version is not None else None
         for dname, dtype in dtypes.items():
-            base = nn.Linear(k, n, device="cuda", dtype=dtype)
+            base = nn.Linear(k, n, device=C.device(), dtype=dtype)
             base.load_state_dict(ref32.state_dict())
             base.requires_grad_(False)
             layer = Linear8bitLt.from_linear(ref32, threshold=6.0).to(dtype)
@@ -125,37 +142,39 @@ def main():
                         continue  # the decode path does not quantize activations: nothing to decompose
                     x = activations(tokens, k, dtype, outliers)
                     with torch.no_grad():
-                        t_fp = cuda_time_ms(lambda: base(x))
-                        t_o8 = cuda_time_ms(lambda: layer(x))
+                        t_fp = time_ms(lambda: base(x))
+                        t_o8 = time_ms(lambda: layer(x))
                         t_bnb = maybe_time(lambda: bnb(x)) if bnb is not None else None
                         g_fp = g_o8 = None
-                        if tokens <= 16:
+                        if tokens <= 16 and not dry:
                             replay_fp, replay_o8 = graphed(lambda: base(x)), graphed(lambda: layer(x))
-                            g_fp = cuda_time_ms(replay_fp) if replay_fp else None
-                            g_o8 = cuda_time_ms(replay_o8) if replay_o8 else None
+                            g_fp = time_ms(replay_fp) if replay_fp else None
+                            g_o8 = time_ms(replay_o8) if replay_o8 else None
+                    times[k, n, dname, tokens, outliers, "fwd"] = (t_fp, t_o8)
                     fwd_rows.append(
                         f"| {k}x{n} | {dname} | {tokens}{' +outliers' if outliers else ''} | {fmt(t_fp)} | {fmt(t_o8)} "
                         f"| {ratio(t_o8, t_fp)} | {fmt(t_bnb)} | {ratio(t_bnb, t_fp)} | {ratio(g_o8, g_fp)} |"
                     )
                     print(fwd_rows[-1], flush=True)
             for outliers in (False, True):
-                x = activations(4096, k, dtype, outliers, requires_grad=True)
-                grad = torch.randn(4096, n, device="cuda", dtype=dtype)
+                x = activations(bwd_tokens, k, dtype, outliers, requires_grad=True)
+                grad = torch.randn(bwd_tokens, n, device=C.device(), dtype=dtype)
 
                 def step(module):
                     return lambda: torch.autograd.grad(module(x), x, grad)
 
-                t_fp = cuda_time_ms(step(base))
-                t_o8 = cuda_time_ms(step(layer))
+                t_fp = time_ms(step(base))
+                t_o8 = time_ms(step(layer))
                 t_bnb = maybe_time(step(bnb)) if bnb is not None else None
+                times[k, n, dname, bwd_tokens, outliers, "bwd"] = (t_fp, t_o8)
                 bwd_rows.append(
-                    f"| {k}x{n} | {dname} | 4096{' +outliers' if outliers else ''} | {fmt(t_fp)} | {fmt(t_o8)} "
+                    f"| {k}x{n} | {dname} | {bwd_tokens}{' +outliers' if outliers else ''} | {fmt(t_fp)} | {fmt(t_o8)} "
                     f"| {ratio(t_o8, t_fp)} | {fmt(t_bnb)} | {ratio(t_bnb, t_fp)} |"
                 )
                 print(bwd_rows[-1], flush=True)
             if k == n:
                 for outliers in (False, True):
-                    x32 = activations(2048, k, torch.float32, outliers)
+                    x32 = activations(err_tokens, k, torch.float32, outliers)
                     with torch.no_grad():
                         expected = ref32(x32).double()
                         x = x32.to(dtype)
@@ -174,13 +193,15 @@ def main():
                     print(err_rows[-1], flush=True)
         del bnb
 
-    device = torch.cuda.get_device_name()
     lines = [
-        f"# Linear8bitLt ({datetime.date.today()}, {device}, torch {torch.__version__}, "
+        f"# Linear8bitLt ({datetime.date.today()}, {C.device_name()}, torch {torch.__version__}, "
         f"bitsandbytes {bnb_version or 'not installed'})",
         "",
-        "ms per call, median of 30 (CUDA events); ratios against the float nn.Linear of the same dtype.",
-        "optim8 and bitsandbytes at threshold 6. Decode rows (<= 16 tokens) also replayed from a CUDA graph.",
+        "ms per call, median of 30 (CUDA events); ratios against the float nn.Linear of the same dtype."
+        if not dry
+        else "Dry run: tiny layers on the CPU, optim8's CUDA kernels on the host device; perf_counter, not speeds.",
+        "optim8 and bitsandbytes at threshold 6."
+        + ("" if dry else " Decode rows (<= 16 tokens) also replayed from a CUDA graph."),
         "",
         "## Forward",
         "",
@@ -195,13 +216,22 @@ def main():
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *bwd_rows,
         "",
-        "## Relative error against the fp32 layer (2048 tokens)",
+        f"## Relative error against the fp32 layer ({err_tokens} tokens)",
         "",
         "| layer | dtype | outlier columns | nn.Linear | optim8 | bnb |",
         "| --- | --- | --- | --- | --- | --- |",
         *err_rows,
     ]
-    write_report(lines, args.out)
+    C.write_report(lines, C.report_path(args.out, "linear8bit.md"))
+    k, n = shapes[0]
+    head = f"int8 linear {k}x{n} fp16"
+    for what, key, bar in (
+        ("1 token", (1, False, "fwd"), "<= 1.0x"),
+        (f"{headline_tokens} tokens", (headline_tokens, False, "fwd"), "<= 1.3x (issue 4), <= 1.1x (issue 12)"),
+        (f"fwd+input grad {bwd_tokens} tokens", (bwd_tokens, False, "bwd"), "<= 1.3x"),
+    ):
+        t_fp, t_o8 = times.get((k, n, "fp16", *key), (None, None))
+        C.summary(f"{head}, {what}: optim8 vs nn.Linear", ratio(t_o8, t_fp), bar)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Optimizer step time over the TinyLlama-1.1B parameter set, against the memory-bandwidth floor.
 
-    python benchmarks/bench_optim.py [--dtypes float32 bfloat16] [--out benchmarks/results/optim.md]
+    python benchmarks/bench_optim.py [--dtypes float32 bfloat16] [--out benchmarks/results/optim.md] [--dry-run]
 
 Parameter set (DESIGN.md): hidden 2048, 22 layers, MLP 5632, 4 KV heads of 64, vocab 32000,
 untied head: 201 tensors, 1.10 B parameters. Random parameters and gradients (gradients
@@ -12,18 +12,21 @@ the bytes it must move (read p, g, both code bytes; write p and both code bytes:
 for fp32, 10 B/param for bf16, plus the absmax) divided by the bandwidth of a large
 device-to-device copy measured in the same run. Times are CUDA-event medians of whole
 ``step()`` calls; "host ms" is the CPU time of one ``step()`` call (launch overhead).
+
+Headlines (``SUMMARY`` lines), per dtype: optim8 AdamW8bit against the floor (bar, issue 12:
+<= 1.25x) and against torch's fused AdamW (bar: < 1.0x). ``--dry-run``: a 2-layer, hidden-64
+parameter set on the CPU with the host device running the kernels (``_common.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import time
 
 import torch
 
+import _common as C
 import optim8
-from _common import cuda_time_ms, write_report
 
 
 def tinyllama_shapes(hidden=2048, layers=22, mlp=5632, kv_heads=4, head_dim=64, vocab=32000):
@@ -35,33 +38,23 @@ def tinyllama_shapes(hidden=2048, layers=22, mlp=5632, kv_heads=4, head_dim=64, 
     return shapes
 
 
-
-def host_ms(fn, iters=10) -> float:
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-        torch.cuda.synchronize()
-    times.sort()
-    return times[len(times) // 2]
+DRY_SHAPES = dict(hidden=64, layers=2, mlp=160, kv_heads=2, head_dim=16, vocab=512)
 
 
 def copy_bandwidth_gbs(nbytes=4 * 2**30) -> float:
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=C.device()).normal_()
     dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src))
+    ms = C.time_ms(lambda: dst.copy_(src))
     del src, dst
-    torch.cuda.empty_cache()
+    C.empty_cache()
     return 2 * nbytes / ms / 1e6  # read + write
 
 
 def make_params(shapes, dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=C.device()).manual_seed(0)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.empty(s, device="cuda", dtype=dtype))
+        p = torch.nn.Parameter(torch.empty(s, device=C.device(), dtype=dtype))
         p.data.normal_(0, 0.02, generator=gen)
         p.grad = torch.empty_like(p).normal_(0, 1e-3, generator=gen)
         params.append(p)
@@ -77,42 +70,49 @@ def bench(name, make_opt, shapes, dtype):
     n = sum(p.numel() for p in params)
     try:
         opt = make_opt(params)
-        ms = cuda_time_ms(opt.step)
-        hms = host_ms(opt.step)
+        ms = C.time_ms(opt.step)
+        hms = C.host_ms(opt.step)
     except Exception as exc:  # e.g. torch fused AdamW refusing a dtype, or a kernel failing
         print(f"{name} ({dtype}): failed: {type(exc).__name__}: {exc}", flush=True)
         return (name, float("nan"), float("nan"), float("nan"), f"failed: {type(exc).__name__}: {exc}"[:200])
     sb = state_bytes(opt) / n
     print(f"{name} ({dtype}): {ms:.2f} ms/step", flush=True)
     del opt, params
-    torch.cuda.empty_cache()
+    C.empty_cache()
     return (name, ms, hms, sb, "")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--out", default="benchmarks/results/optim.md")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/optim.md")
+    C.add_dry_run_argument(ap)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    shapes = tinyllama_shapes()
+    with C.session(args.dry_run):
+        run(args)
+
+
+def run(args):
+    shapes = tinyllama_shapes(**DRY_SHAPES) if C.dry_run() else tinyllama_shapes()
     n = sum(torch.Size(s).numel() for s in shapes)
-    copy_gbs = copy_bandwidth_gbs()
+    size = C.params(n)
+    copy_gbs = copy_bandwidth_gbs(2**24) if C.dry_run() else copy_bandwidth_gbs()
     try:
         import bitsandbytes as bnb
     except ImportError:
         bnb = None
 
-    device = torch.cuda.get_device_name()
     lines = [
-        f"# Optimizer step, TinyLlama-1.1B parameter set ({datetime.date.today()}, {device}, torch {torch.__version__})",
+        f"# Optimizer step, TinyLlama-1.1B parameter set ({datetime.date.today()}, {C.device_name()}, torch {torch.__version__})",
         "",
-        f"{len(shapes)} tensors, {n / 1e9:.3f} B parameters; copy bandwidth measured in this run: {copy_gbs:.0f} GB/s "
+        f"{len(shapes)} tensors, {n / 1e9:.3f} B parameters ({n:,}); copy bandwidth measured in this run: {copy_gbs:.0f} GB/s "
         f"(read + write). lr 1e-4, weight decay 0.01, betas (0.9, 0.999).",
         "",
     ]
+    if C.dry_run():
+        lines[2:2] = ["Dry run: a tiny parameter set on the CPU, optim8's CUDA kernels on the host device; not speeds.", ""]
     hp = dict(lr=1e-4, weight_decay=0.01)
+    headlines = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         esize = torch.finfo(dtype).bits // 8
@@ -138,7 +138,13 @@ def main():
         if bnb is None:
             lines.append("| bitsandbytes AdamW8bit | | | | | not installed |")
         lines.append("")
-    write_report(lines, args.out)
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype_name, dtype_name)
+        torch_ms, o8_ms = rows[0][1], rows[1][1]
+        headlines.append((f"optim step {short} {size}: optim8 vs copy floor", C.ratio(o8_ms, floor_ms), "<= 1.25x"))
+        headlines.append((f"optim step {short} {size}: optim8 vs torch fused AdamW", C.ratio(o8_ms, torch_ms), "< 1.0x"))
+    C.write_report(lines, C.report_path(args.out, "optim.md"))
+    for what, value, bar in headlines:
+        C.summary(what, value, bar)
 
 
 if __name__ == "__main__":

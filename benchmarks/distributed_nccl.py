@@ -11,10 +11,15 @@ through Accelerate and resuming from it (Accelerate enables FSDP only on GPUs).
 
     python benchmarks/distributed_nccl.py                # all GPUs
     python benchmarks/distributed_nccl.py --nproc 1      # the 1-GPU NCCL run of the issue
-    python benchmarks/distributed_nccl.py --cpu-dry-run  # gloo, 2 CPU processes: checks the script itself
+    python benchmarks/distributed_nccl.py --dry-run      # gloo, 2 CPU processes: checks the script itself
+    python benchmarks/distributed_nccl.py --dry-run --nproc 1
 
-Writes a markdown table to ``benchmarks/results/distributed_nccl.md`` (device named) and
-exits non-zero when a scenario fails or exceeds its tolerance.
+``--dry-run`` (alias ``--cpu-dry-run``): gloo on the CPU, every process (and the references)
+with the host device active, so the CUDA kernels' own source runs on the CPU shards
+(``benchmarks/_common.py``). Writes a markdown table to ``benchmarks/results/distributed_nccl.md``
+(device named; a dry run writes under ``$OUT/dry-run/`` or a temporary folder), prints one
+``SUMMARY`` line (checks within their bounds) and exits non-zero when a scenario fails or
+exceeds its tolerance.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from pathlib import Path
 
 import torch
 
+import _common as C
+
 ROOT = Path(__file__).resolve().parent.parent
+HOST_DEVICE_ENV = "OPTIM8_BENCH_HOST_DEVICE"  # set for the workers of a dry run: host device active there too
 _spec = importlib.util.spec_from_file_location("optim8_test_distributed", ROOT / "tests" / "test_distributed.py")
 T = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(T)
@@ -136,11 +144,14 @@ def compare(out: Path, world: int, ref_device: str) -> list[tuple]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=None, help="processes (one GPU each); default: all visible GPUs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distributed_nccl.md")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/distributed_nccl.md")
     parser.add_argument("--no-trainer", action="store_true", help="skip the Trainer + FSDP2 scenario")
-    parser.add_argument("--cpu-dry-run", action="store_true", help="gloo on CPU, 2 processes: checks this script, not the GPU")
+    parser.add_argument(
+        "--dry-run", "--cpu-dry-run", dest="dry_run", action="store_true",
+        help="gloo on CPU (default 2 processes), optim8's CUDA kernels on the host device: checks this script, not the GPU",
+    )
     args = parser.parse_args()
-    if args.cpu_dry_run:
+    if args.dry_run:
         world, backend, device, ref_device = args.nproc or 2, "gloo", "cpu", "cpu"
     else:
         if not torch.cuda.is_available():
@@ -152,6 +163,13 @@ def main() -> int:
             return 2
     # cuBLAS reads this when a process first uses it: deterministic GEMMs for the bit-exact resumes
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if args.dry_run:
+        os.environ[HOST_DEVICE_ENV] = "1"
+    with C.session(args.dry_run):
+        return run(args, world, backend, device, ref_device)
+
+
+def run(args, world, backend, device, ref_device) -> int:
     names = list(T.SCENARIOS) if not args.no_trainer else [n for n in T.SCENARIOS if n != "trainer_fsdp"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -163,7 +181,7 @@ def main() -> int:
             print(f"--- scenario {name} failed:\n{error}", file=sys.stderr)
         needed = {"ddp", "fsdp", "lora", "accelerate"}
         rows = compare(out, world, ref_device) if not needed & failed.keys() else []
-    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU, host device (dry run)"
     lines = [
         f"# optim8 distributed: {backend} on {world} x {name}",
         "",
@@ -175,11 +193,13 @@ def main() -> int:
     ]
     lines += [f"| {name} | {diff:.3g} | {bound:.3g} | {'yes' if ok else 'NO'} | {note} |" for name, diff, bound, ok, note in rows]
     lines += [f"| scenario {name} | - | - | NO | failed: {error.strip().splitlines()[-1]} |" for name, error in failed.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.cpu_dry_run:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    C.write_report(lines, C.report_path(args.out, "distributed_nccl.md"))
+    ok = sum(r[3] for r in rows)
+    C.summary(
+        f"distributed {backend} {world} x {'GPU' if device == 'cuda' else 'CPU'}: checks within bounds",
+        f"{ok}/{len(rows)}" + (f", {len(failed)} scenario(s) failed" if failed else ""),
+        "all",
+    )
     return 0 if rows and all(r[3] for r in rows) and not failed else 1
 
 
@@ -191,7 +211,8 @@ if __name__ == "__main__":
         parser.add_argument("--device", default="cuda")
         parser.add_argument("scenarios", nargs="+", choices=sorted(T.SCENARIOS))
         worker_args = parser.parse_args()
-        T.worker(worker_args.out, worker_args.scenarios, backend=worker_args.backend, device=worker_args.device)
+        with C.session(os.environ.get(HOST_DEVICE_ENV) == "1" and worker_args.device == "cpu"):
+            T.worker(worker_args.out, worker_args.scenarios, backend=worker_args.backend, device=worker_args.device)
         T.exit_without_finalization()
     else:
         sys.exit(main())
