@@ -351,6 +351,10 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a quantized :class:`Linear8bitLt`, in place; returns ``model``.
 
+    ``bits=4`` makes :class:`~optim8.layers.Linear4bit` layers instead (QLoRA), with the keywords
+    ``quant_type`` ("nf4"/"fp4"), ``blocksize``, ``double_quant`` and ``compute_dtype``; ``threshold``
+    does not apply to them.
+
     Layers are swapped one at a time and each float weight is released as soon as its int8
     copy exists, so peak memory is the model plus one layer's fp32 temporary. A module reached
     under several names is converted once. Meta-device models get meta int8 weights and scales,
@@ -365,6 +369,14 @@ def quantize_model(
     ``nn.MultiheadAttention``'s output projection is kept in float: the attention reads its
     weight directly instead of calling it.
     """
+    if bits == 4:
+        from .linear4bit import quantize_model_4bit
+
+        return quantize_model_4bit(model, skip=skip, **four_bit)
+    if bits != 8:
+        raise ValueError(f"quantize_model: bits must be 8 (LLM.int8()) or 4 (NF4/FP4), got {bits!r}")
+    if four_bit:
+        raise TypeError(f"quantize_model: {sorted(four_bit)} apply to bits=4 only")
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
@@ -382,10 +394,6 @@ def quantize_model(
             continue
         if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear) or _skipped(name, skip):
             continue
-    ``bits=4`` makes :class:`~optim8.layers.Linear4bit` layers instead (QLoRA), with the keywords
-    ``quant_type`` ("nf4"/"fp4"), ``blocksize``, ``double_quant`` and ``compute_dtype``; ``threshold``
-    does not apply to them.
-
         if not name:
             raise TypeError("quantize_model got an nn.Linear itself; use Linear8bitLt.from_linear(linear) instead")
         # A module reached under several names is converted once (ids stay valid: it is alive
@@ -400,14 +408,6 @@ def quantize_model(
             layer.train(module.training)
             converted[id(module)] = layer
         parent_name, _, child = name.rpartition(".")
-    if bits == 4:
-        from .linear4bit import quantize_model_4bit
-
-        return quantize_model_4bit(model, skip=skip, **four_bit)
-    if bits != 8:
-        raise ValueError(f"quantize_model: bits must be 8 (LLM.int8()) or 4 (NF4/FP4), got {bits!r}")
-    if four_bit:
-        raise TypeError(f"quantize_model: {sorted(four_bit)} apply to bits=4 only")
         setattr(model.get_submodule(parent_name), child, layer)
         # The parent held the only reference to the float layer (as a rule): it is freed here,
         # before the next layer is quantized.
