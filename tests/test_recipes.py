@@ -302,7 +302,7 @@ def test_lora_defaults_offline(offline_env, tmp_path):
     assert summary["steps"] == 2
     assert "SmolLM2-135M-Instruct" in summary["model"] and "pydoc_data.topics" in summary["data"]
     # 30 decoder layers x 7 linear layers in int8; the tied head stays float.
-    assert "210 Linear8bitLt layers" in summary["model"]
+    assert "210 Linear8bitLt" in summary["model"]
     # A real pretrained model: English docs are far from random (log 49152 = 10.8 nats).
     assert summary["eval_loss_before"] < 5.0
     assert _lora_b_norm(out / "adapter") > 0
