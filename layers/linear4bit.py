@@ -49,6 +49,7 @@ from ..kernels.nf4 import (
     _check_blocksize,
     _check_quant_type,
 )
+from .linear8bit import prepare_forward
 
 __all__ = ["Linear4bit", "quantize_model_4bit"]
 
@@ -194,23 +195,7 @@ class Linear4bit(nn.Linear):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_INPUTS:
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"{self._describe()} takes float32, float16 or bfloat16 input, got {got}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{self._describe()} got input of shape {tuple(x.shape)}: its last dimension must be "
-                f"in_features={self.in_features}"
-            )
-        if not self.is_quantized:
-            if self.weight.device.type == "meta":
-                raise RuntimeError(f"{self._describe()} is on the meta device: load its weights first")
-            self.quantize()
-        if x.device != self.weight.device:
-            raise RuntimeError(
-                f"{self._describe()} holds its weight on {self.weight.device} but got input on {x.device}; "
-                "move the model or the input"
-            )
+        prepare_forward(self, x)
         dtype = self.compute_dtype
         if dtype is None:
             device_type = x.device.type

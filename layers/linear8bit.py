@@ -156,26 +156,7 @@ class Linear8bitLt(nn.Linear):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_INPUTS:
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(
-                f"{self._describe()} takes float32, float16 or bfloat16 input, got {got}; "
-                "convert it first (e.g. x.to(torch.bfloat16))"
-            )
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{self._describe()} got input of shape {tuple(x.shape)}: its last dimension must be "
-                f"in_features={self.in_features}"
-            )
-        if not self.is_quantized:
-            if self.weight.device.type == "meta":
-                raise RuntimeError(f"{self._describe()} is on the meta device: load its weights first")
-            self.quantize()
-        if x.device != self.weight.device:
-            raise RuntimeError(
-                f"{self._describe()} holds its weight on {self.weight.device} but got input on {x.device}; "
-                "move the model or the input"
-            )
+        prepare_forward(self, x)
         device_type = x.device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
@@ -303,6 +284,30 @@ class Linear8bitLt(nn.Linear):
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def prepare_forward(layer: nn.Module, x) -> None:
+    """The input checks of a quantized layer's forward (Linear8bitLt, Linear4bit); quantizes a layer not quantized yet."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_INPUTS:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(
+            f"{layer._describe()} takes float32, float16 or bfloat16 input, got {got}; "
+            "convert it first (e.g. x.to(torch.bfloat16))"
+        )
+    if x.dim() == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(
+            f"{layer._describe()} got input of shape {tuple(x.shape)}: its last dimension must be "
+            f"in_features={layer.in_features}"
+        )
+    if not layer.is_quantized:
+        if layer.weight.device.type == "meta":
+            raise RuntimeError(f"{layer._describe()} is on the meta device: load its weights first")
+        layer.quantize()
+    if x.device != layer.weight.device:
+        raise RuntimeError(
+            f"{layer._describe()} holds its weight on {layer.weight.device} but got input on {x.device}; "
+            "move the model or the input"
         )
 
 

@@ -128,6 +128,21 @@ def ignore_weight_format(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------ Int4Config
 
 
+
+def dequantize_layers(model: nn.Module, layer_cls: type, dtype=None) -> nn.Module:
+    """Replace every ``layer_cls`` module (Linear8bitLt, Linear4bit) by an ``nn.Linear`` holding its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, layer_cls):
+            continue
+        weight = module.dequantize(dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
+        parent, child = get_module_from_name(model, name)
+        setattr(parent, child, linear)
+    return model
+
 class Int4Config(QuantizationConfigMixin):
     """Load a model's linear layers as QLoRA 4-bit ``optim8.Linear4bit`` layers.
 
@@ -335,17 +350,7 @@ class Int4HfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: every ``Linear4bit`` back to an ``nn.Linear`` holding its dequantized weight."""
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, Linear4bit):
-                continue
-            weight = module.dequantize(dtype)
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(weight, requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
-            parent, child = get_module_from_name(model, name)
-            setattr(parent, child, linear)
-        return model
+        return dequantize_layers(model, Linear4bit, dtype)
 
 
 # ------------------------------------------------------------------------------ routing

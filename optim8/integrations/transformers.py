@@ -262,16 +262,9 @@ class Int8HfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: every ``Linear8bitLt`` back to an ``nn.Linear`` holding its dequantized weight."""
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, Linear8bitLt):
-                continue
-            weight = module.dequantize(dtype)
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            linear.weight = nn.Parameter(weight, requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
-            parent, child = get_module_from_name(model, name)
-            setattr(parent, child, linear)
+        from .bnb import dequantize_layers
+
+        dequantize_layers(model, Linear8bitLt, dtype)
         if hasattr(model, "is_loaded_in_8bit"):
             del model.is_loaded_in_8bit
         return model
