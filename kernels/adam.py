@@ -28,6 +28,10 @@ map and ``v`` with the unsigned one (``kernels/blockwise.py``). One step is
     m', v', p' = the update above
     codes', absmax' = quantize_blockwise(m'), quantize_blockwise(v')   # new block absmax
 
+(the quantizer's rules, kernels/blockwise.py: ``m``'s absmax is its block's signed extreme,
+so requantization is lossless; a positive ``v`` never takes code 0, so no denominator
+collapses to ``eps`` under a non-zero ``m``)
+
 and the parameter update uses the unquantized fp32 ``m'`` and ``v'``. fp16 and bf16
 parameters are read into fp32, updated, and rounded once to their dtype
 (round-to-nearest-even; there is no stochastic rounding).
@@ -53,7 +57,7 @@ import numpy as np
 import torch
 
 from . import _launch
-from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
+from .blockwise import block_scale_reference, dequantize_blockwise_reference, quantize_blockwise_reference
 from .quant_map import map_boundaries, map_on, zero_code
 
 __all__ = ["AdamScalars", "adam_scalars", "adam_update_reference", "adam_step", "STATE_BLOCKSIZES"]
@@ -228,21 +232,27 @@ def _quantize_into(
     full = n - n % blocksize
     nbf = full // blocksize
     scaled = torch.empty_like(x)
+    oks = []
     if full:
         blocks = x[:full].view(nbf, blocksize)
-        absmax[:nbf] = blocks.abs().amax(dim=1)
+        absmax[:nbf], ok = block_scale_reference(blocks, signed)
+        oks.append(ok)
     if full < n:
-        absmax[nbf:] = x[full:].abs().amax()
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
+        absmax[nbf:], ok = block_scale_reference(x[full:].view(1, -1), signed)
+        oks.append(ok)
+    inv = torch.where(absmax != 0, 1.0 / absmax, torch.ones_like(absmax))
     if full:
         torch.mul(blocks, inv[:nbf, None], out=scaled[:full].view(nbf, blocksize))
     if full < n:
         torch.mul(x[full:], inv[nbf:], out=scaled[full:])
-    ok = torch.isfinite(absmax) & torch.isfinite(inv)
+    ok = torch.cat(oks) if len(oks) > 1 else oks[0]
     all_ok = bool(ok.all())
-    if not all_ok:  # a non-finite or tiny block stores zero codes (its scaled values are not finite)
+    if not all_ok:  # a non-finite or tiny block stores zero codes (its scaled values need not be finite)
         scaled.nan_to_num_(0.0, 0.0, 0.0)
-    codes.copy_(_encode(scaled, signed, scratch))
+    c = _encode(scaled, signed, scratch)
+    if not signed:  # a positive value never takes the unsigned map's zero code
+        c += (c == 0) & (scaled > 0)
+    codes.copy_(c)
     if not all_ok:
         bad = (~ok).repeat_interleave(blocksize)[:n]
         codes[bad] = zero_code(signed)

@@ -1,21 +1,42 @@
 """Blockwise dynamic 8-bit quantization.
 
 ``quantize_blockwise(x)`` splits ``x`` (flattened, row-major) into blocks of
-``blocksize`` consecutive elements, keeps one fp32 ``absmax = max |x|`` per block,
-and stores each element as the index (uint8) of the entry of ``dynamic_map(signed)``
-nearest to ``x / absmax``. ``dequantize_blockwise`` returns ``map[code] * absmax``.
+``blocksize`` consecutive elements, keeps one fp32 scale ``absmax`` per block, and stores
+each element as the index (uint8) of the entry of ``dynamic_map(signed)`` nearest to
+``x / absmax``. ``dequantize_blockwise`` returns ``map[code] * absmax``.
 
-Algorithm, per block (identical in the PyTorch reference and the CUDA kernel):
+Algorithm, per block (identical in the PyTorch reference, the CPU and the CUDA kernels):
 
-    absmax = max(|x_i|)                   # fp32; NaN if any x_i is NaN
+    amax   = max(|x_i|)                   # fp32; NaN if any x_i is NaN
+    absmax = amax                         # unsigned map
+    absmax = x_k with |x_k| == amax       # signed map: the block's extreme value, its sign
+                                          # included (+amax if both +amax and -amax occur)
     inv    = 1 / absmax  (1 if absmax == 0)
     code_i = #(boundaries < x_i * inv)    # boundaries[j] = (map[j] + map[j+1]) / 2
+    code_i = max(code_i, 1) if x_i * inv > 0     # unsigned map only
 
-Non-finite input: a block that holds a NaN or an infinity is stored with
-``absmax = NaN`` (or ``+inf``) and every code at the map's zero entry, so it
-dequantizes to NaN throughout (``0 * inf`` is NaN too). No other block is affected.
-A block whose absmax is below ``2**-128`` (``1 / absmax`` overflows fp32) also stores
-every code at the zero entry, and keeps its absmax: it dequantizes to zeros.
+Two rules make the stored state exact under requantization and safe as a divisor:
+
+* The signed scale. The signed map holds ``+1`` but not ``-1`` (its lowest entry is
+  -0.99297), so with a positive absmax a block whose extreme value is negative would come
+  back 0.7% smaller every time it is requantized: a bias toward zero on every optimizer
+  step. Dividing by the signed extreme maps it to exactly ``+1``, so
+  ``quantize(dequantize(codes, absmax))`` returns the same codes and absmax (tested over
+  random states, every blocksize, both maps). The unsigned map's values are >= 0, so its
+  absmax is the plain maximum.
+* Positive values never encode to zero in the unsigned map: they take at least its
+  smallest positive entry (3.25e-7 of the block's absmax). Adam's second moment is stored
+  with this map; an element whose ``v`` rounded to zero while its first moment kept a
+  non-zero code would step by ``lr * m / eps`` (parameters of 7-14 after 100 steps on
+  gradients whose scale spans 1e-3..1 within a block). Rounding such ``v`` up makes the
+  denominator larger, never smaller, than the exact one.
+
+Non-finite input: a block that holds a NaN or an infinity is stored with ``absmax = NaN``
+and every code at the map's zero entry, so it dequantizes to NaN throughout. No other block
+is affected. A block whose ``amax`` is below ``2**-104`` is stored as zero (``absmax = 0``,
+every code at the zero entry): at or above it every dequantized non-zero value is a normal
+fp32 number, which keeps requantization exact (a product in the subnormal range would lose
+bits).
 
 Dtypes: fp32, fp16 and bf16 are read natively (converted to fp32 in registers). Other
 dtypes (float64, integers) raise ``TypeError``: convert with ``x.float()`` first.
@@ -36,6 +57,8 @@ from .quant_map import map_boundaries, map_on, zero_code
 __all__ = ["quantize_blockwise", "dequantize_blockwise", "BLOCKSIZES", "DEFAULT_BLOCKSIZE", "num_blocks"]
 
 DEFAULT_BLOCKSIZE = 256
+# Blocks whose largest magnitude is below this are stored as zero (see the module docstring).
+TINY = 2.0**-104
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -71,16 +94,29 @@ def quantize_blockwise_reference(x: torch.Tensor, blocksize: int, signed: bool) 
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
     blocks = flat.view(nb, blocksize)
-    # amax propagates NaN, like the kernel's nanmax
-    absmax = blocks.abs().amax(dim=1) if nb else torch.empty(0, device=x.device)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
-    ok = torch.isfinite(absmax) & torch.isfinite(inv)
+    absmax, ok = block_scale_reference(blocks, signed)
+    inv = torch.where(absmax != 0, 1.0 / absmax, torch.ones_like(absmax))
     scaled = blocks * inv[:, None]
     codes = torch.bucketize(scaled, map_boundaries(signed, x.device), right=False)
+    if not signed:
+        codes = torch.where((scaled > 0) & (codes == 0), 1, codes)
     codes = torch.where(ok[:, None], codes, zero_code(signed)).to(torch.uint8)
     return codes.reshape(-1)[:n].reshape(x.shape), absmax
 
 
+def block_scale_reference(blocks: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(absmax, ok)`` of fp32 ``blocks [nb, blocksize]``: the stored scale of each block and
+    whether its codes are encoded (False: stored as zero or as NaN; see the module docstring)."""
+    if blocks.shape[0] == 0:
+        return blocks.new_empty(0), blocks.new_empty(0, dtype=torch.bool)
+    amax = blocks.abs().amax(dim=1)  # amax propagates NaN, like the kernel's nanmax
+    finite = torch.isfinite(amax)
+    ok = finite & (amax >= TINY)
+    absmax = amax
+    if signed:
+        absmax = torch.where((blocks == amax[:, None]).any(dim=1), amax, -amax)
+    absmax = torch.where(ok, absmax, torch.where(finite, 0.0, float("nan")))
+    return absmax, ok
 def dequantize_blockwise_reference(
     codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, signed: bool, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -127,6 +163,7 @@ def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch
         np.int64(n),
         np.int32(zero_code(signed)),
         np.int32(x.data_ptr() % 16 == 0),
+        np.int32(signed),
     )
     _launch.launch(fn, grid, cta, args, x.device)
     return codes, absmax
@@ -181,7 +218,8 @@ def quantize_blockwise(
 
     Returns:
         ``(codes, absmax)``: uint8 codes shaped like ``x`` and a 1-D fp32 tensor of
-        ``ceil(x.numel() / blocksize)`` block maxima, both on ``x.device``.
+        ``ceil(x.numel() / blocksize)`` block scales (the largest magnitude; with the signed
+        map, the value of largest magnitude with its sign), both on ``x.device``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize_blockwise expects a torch.Tensor, got {type(x).__name__}")

@@ -40,7 +40,8 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     The signed map holds each magnitude with both signs (2 * 127 values), the unsigned
     one only positive values (254); both add exactly ``0.0`` and ``1.0``.
 
-    Signed: values in ``[-0.9930, 1]`` (``-1`` is not representable; ``1`` is).
+    Signed: values in ``[-0.9930, 1]`` (``-1`` is not representable; ``1`` is: the blockwise
+    quantizer divides by each block's signed extreme, which maps it to ``+1`` exactly).
     Unsigned: values in ``[0, 1]``. Returns a new CPU tensor each call.
     """
     return _dynamic_map_cpu(bool(signed)).clone()

@@ -3,7 +3,8 @@
 State layout of one parameter ``p`` (what ``state_dict()`` saves):
 
 * 8-bit: ``exp_avg`` / ``exp_avg_sq`` are uint8 codes shaped like ``p`` (signed / unsigned
-  dynamic map), ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` fp32 ``[ceil(numel / blocksize)]``:
+  dynamic map), ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` fp32 ``[ceil(numel / blocksize)]``
+  (``exp_avg_absmax`` is signed: each block's extreme first moment, see ``kernels/blockwise.py``):
   ``2 + 8 / blocksize`` bytes per parameter (2.03 at the default 256).
 * 32-bit: ``exp_avg`` / ``exp_avg_sq`` fp32 shaped like ``p``, whatever ``p``'s dtype
   (bf16 moments would lose most of Adam's second-moment precision).
@@ -459,7 +460,7 @@ def _parse_state(saved: dict, shape: tuple, blocksize: int, *, sharded: bool) ->
                 f"'{_ABSMAX_NAMES[name]}' has {absmax.numel()} entries; {math.prod(shape)} elements in blocks of "
                 f"{blocksize} need {blocks} (was it saved with another blocksize?)"
             )
-        _check_values(absmax, _ABSMAX_NAMES[name], nonnegative=True)
+        _check_values(absmax, _ABSMAX_NAMES[name], nonnegative=name == "exp_avg_sq")  # exp_avg_absmax is signed
         moments[name] = (codes, absmax)
     return step, moments, state8
 

@@ -201,7 +201,7 @@ def test_removing_a_barrier_from_a_real_kernel_is_caught():
     codes, absmax = torch.empty(x.shape, dtype=torch.uint8), torch.empty(257)
     args = (
         _launch.ptr(x), _launch.ptr(map_boundaries(True)), _launch.ptr(codes), _launch.ptr(absmax),
-        np.int64(x.numel()), np.int32(zero_code(True)), np.int32(1),
+        np.int64(x.numel()), np.int32(zero_code(True)), np.int32(1), np.int32(1),
     )
     run(lib, expr, (257 + 31) // 32, 256, *args)
     expected, _ = blockwise.quantize_blockwise_reference(x, 64, True)

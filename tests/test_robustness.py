@@ -177,8 +177,8 @@ def _corrupt_negative_absmax(sd):
 
 
 def _corrupt_flipped_sign_byte(sd):
-    raw = sd["state"][0]["exp_avg_absmax"].view(torch.uint8)
-    raw[4 * 7 + 3] ^= 0x80  # the sign bit of absmax[7]: what one flipped bit on disk does
+    raw = sd["state"][0]["exp_avg_sq_absmax"].view(torch.uint8)
+    raw[4 * 7 + 3] ^= 0x80  # the sign bit of absmax[7] (the second moment's is >= 0): one flipped bit on disk
 
 
 def _corrupt_absmax_length(sd):
@@ -473,7 +473,7 @@ def test_fsdp2_gathered_state_is_reblocked_for_one_process(shape, world):
         assert torch.equal(st[name], codes) and torch.equal(st[name + "_absmax"], absmax)
         # within one quantization step of what the shards held
         got = dequantize_blockwise(st[name], st[name + "_absmax"], signed=signed).reshape(-1)
-        blocks = absmax.repeat_interleave(256)[: p.numel()]
+        blocks = absmax.abs().repeat_interleave(256)[: p.numel()]
         assert ((got - truth[name]).abs() <= 0.07 * blocks).all()
     exported = optim8.to_torch_state_dict(sd, decoupled_weight_decay=True)
     assert torch.equal(exported["state"][0]["exp_avg"].reshape(-1), truth["exp_avg"])

@@ -69,22 +69,33 @@ __device__ __forceinline__ void store_vals(T* __restrict__ dst, i64 base, i64 n,
     }
 }
 
-// Quantize this lane's 8 values with the block absmax shared by the TPB lanes of its
-// quantization block; same algorithm as kernels/blockwise.py.
-template <int TPB>
+// Quantize this lane's 8 values with the block scale shared by the TPB lanes of its
+// quantization block; same algorithm as kernels/blockwise.py (SIGNED: the signed map's
+// rules, else the unsigned map's). Returns the block's stored absmax.
+template <int TPB, bool SIGNED>
 __device__ __forceinline__ float quantize8(const u8* __restrict__ lut, const float* __restrict__ mid, const float* x, int zero, int* c) {
-    float a = 0.0f;
+    float m = 0.0f;
+    if (SIGNED) {
+        unsigned int k = 0;
 #pragma unroll
-    for (int i = 0; i < E; ++i) a = nanmax(a, fabsf(x[i]));
-    a = group_nanmax<TPB>(a);
-    const float inv = a > 0.0f ? 1.0f / a : 1.0f;
-    // NaN or Inf in the block (only from corrupt old state), or a < 2**-128: all zero codes
-    if (!finite(a) || !finite(inv)) {
+        for (int i = 0; i < E; ++i) k = umax(k, extreme_key(x[i]));
+        m = extreme_value(group_umax<TPB>(k));
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) m = nanmax(m, fabsf(x[i]));
+        m = group_nanmax<TPB>(m);
+    }
+    float a, inv;
+    if (!block_scale(m, &a, &inv)) {  // NaN/Inf (only from corrupt old state) or a tiny block
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = zero;
     } else {
 #pragma unroll
-        for (int i = 0; i < E; ++i) c[i] = encode(lut, mid, __fmul_rn(x[i], inv));
+        for (int i = 0; i < E; ++i) {
+            const float s = __fmul_rn(x[i], inv);
+            c[i] = encode(lut, mid, s);
+            if (!SIGNED && c[i] == 0 && s > 0.0f) c[i] = 1;  // a positive v never encodes to zero
+        }
     }
     return a;
 }
@@ -178,8 +189,8 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         store_vals(p, base, n, vec, pv);
         if (STATE8) {
             int cm[E], cv[E];
-            const float am = quantize8<TPB>(slut1, smid1, m, zero1, cm);
-            const float av = quantize8<TPB>(slut2, smid2, v, zero2, cv);
+            const float am = quantize8<TPB, true>(slut1, smid1, m, zero1, cm);
+            const float av = quantize8<TPB, false>(slut2, smid2, v, zero2, cv);
             if (base < n) {
                 store_codes(reinterpret_cast<u8*>(row[2]), base, n, vec, cm);
                 store_codes(reinterpret_cast<u8*>(row[3]), base, n, vec, cv);

@@ -11,18 +11,21 @@
 #define E 8
 
 // x: n elements; mid: the map's 255 decision boundaries (fp32, sorted);
-// codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned.
-// A block holding NaN or +-Inf gets absmax NaN or Inf and every code zero_code; so does a
-// block whose absmax is below 2**-128 (1 / absmax overflows), keeping its tiny absmax.
+// codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned;
+// `signed_map` selects the signed map's rules (absmax = the block's extreme value) or the
+// unsigned one's (absmax = the largest magnitude; a positive value never takes code 0).
+// A block holding NaN or +-Inf gets absmax NaN and every code zero_code; a block whose
+// largest magnitude is below 2**-104 gets absmax 0 and every code zero_code.
 template <typename T, int BLOCK>
 __global__ void quantize_blockwise(const T* __restrict__ x, const float* __restrict__ mid,
                                    u8* __restrict__ codes, float* __restrict__ absmax,
-                                   const i64 n, const int zero_code, const int aligned) {
+                                   const i64 n, const int zero_code, const int aligned,
+                                   const int signed_map) {
     constexpr int TPB = BLOCK / E;                 // threads per quantization block
     constexpr int CTA = TPB >= 256 ? TPB : 256;
     constexpr int QPC = CTA / TPB;                 // quantization blocks per CTA
     __shared__ float smid[256];
-    __shared__ float swarp[CTA / 32];
+    __shared__ unsigned int swarp[CTA / 32];
 
     for (int i = threadIdx.x; i < 255; i += CTA) smid[i] = mid[i];
 
@@ -38,35 +41,48 @@ __global__ void quantize_blockwise(const T* __restrict__ x, const float* __restr
 #pragma unroll
         for (int i = 0; i < E; ++i) v[i] = base + i < n ? to_float(x[base + i]) : 0.0f;
     }
-    float m = 0.0f;
+    // the block's scale: its extreme value (signed map: reduced as extreme_key) or its
+    // largest magnitude (unsigned map: the same integer max over |x| bits, NaN the largest)
+    unsigned int k = 0;
+    if (signed_map) {
 #pragma unroll
-    for (int i = 0; i < E; ++i) m = nanmax(m, fabsf(v[i]));
+        for (int i = 0; i < E; ++i) k = umax(k, extreme_key(v[i]));
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) k = umax(k, __float_as_uint(v[i]) & 0x7fffffffu);
+    }
 
     if constexpr (TPB <= 32) {
-        m = group_nanmax<TPB>(m);
+        k = group_umax<TPB>(k);
         __syncthreads();  // smid is complete
     } else {
         // a quantization block spans WPB whole warps; a CTA may hold several blocks (QPC)
         constexpr int WPB = TPB / 32;
-        m = group_nanmax<32>(m);
-        if ((threadIdx.x & 31) == 0) swarp[threadIdx.x >> 5] = m;
+        k = group_umax<32>(k);
+        if ((threadIdx.x & 31) == 0) swarp[threadIdx.x >> 5] = k;
         __syncthreads();  // swarp and smid are complete
         const int w0 = (threadIdx.x / TPB) * WPB;  // this block's first warp
-        m = swarp[w0];
+        k = swarp[w0];
 #pragma unroll
-        for (int w = 1; w < WPB; ++w) m = nanmax(m, swarp[w0 + w]);
+        for (int w = 1; w < WPB; ++w) k = umax(k, swarp[w0 + w]);
     }
+    const float m = signed_map ? extreme_value(k) : __uint_as_float(k);
     if (q >= nblocks) return;
-    if (lane == 0) absmax[q] = m;
+    float a, inv;
+    const bool ok = block_scale(m, &a, &inv);
+    if (lane == 0) absmax[q] = a;
 
     int c[E];
-    const float inv = m > 0.0f ? 1.0f / m : 1.0f;
-    if (!finite(m) || !finite(inv)) {  // NaN/Inf in the block, or m < 2**-128
+    if (!ok) {
 #pragma unroll
         for (int i = 0; i < E; ++i) c[i] = zero_code;
     } else {
 #pragma unroll
-        for (int i = 0; i < E; ++i) c[i] = nearest_code(smid, v[i] * inv);
+        for (int i = 0; i < E; ++i) {
+            const float s = v[i] * inv;
+            c[i] = nearest_code(smid, s);
+            if (!signed_map && c[i] == 0 && s > 0.0f) c[i] = 1;  // positive values never encode to zero
+        }
     }
     store_codes(codes, base, n, base + E <= n, c);
 }

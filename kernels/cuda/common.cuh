@@ -125,3 +125,41 @@ __device__ __forceinline__ float group_nanmax(float m) {
     }
     return m;
 }
+
+// The signed map's block scale (kernels/blockwise.py) is the block's value of largest
+// magnitude, +a over -a on a tie, NaN over everything. As an unsigned key, (|x| bits << 1)
+// plus 1 for a positive sign, that order is the integers' order: one max per step of the
+// reduction, commutative (every lane of a group ends its butterfly with the same key).
+__device__ __forceinline__ unsigned int extreme_key(float x) {
+    const unsigned int b = __float_as_uint(x);
+    return ((b & 0x7fffffffu) << 1) | ((b >> 31) ^ 1u);
+}
+__device__ __forceinline__ float extreme_value(unsigned int k) {
+    return __uint_as_float((k >> 1) | (((k & 1u) ^ 1u) << 31));
+}
+__device__ __forceinline__ unsigned int umax(unsigned int a, unsigned int b) { return a > b ? a : b; }
+
+template <int WIDTH>
+__device__ __forceinline__ unsigned int group_umax(unsigned int k) {
+#pragma unroll
+    for (int off = WIDTH / 2; off > 0; off >>= 1) {
+        k = umax(k, __shfl_xor_sync(0xffffffffu, k, off));
+    }
+    return k;
+}
+
+// A block's stored absmax and the multiplier of its values from its scale `m` (the extreme
+// of the signed map, the largest magnitude of the unsigned one). Returns whether its codes
+// are encoded: a block with a NaN or Inf is stored as NaN, one whose largest magnitude is
+// below 2**-104 as zero (both with every code at the zero entry).
+__device__ __forceinline__ bool block_scale(float m, float* absmax, float* inv) {
+    const float amax = fabsf(m);
+    if (finite(amax) && amax >= 0x1p-104f) {
+        *absmax = m;
+        *inv = 1.0f / m;
+        return true;
+    }
+    *absmax = finite(amax) ? 0.0f : __uint_as_float(0x7fc00000u);
+    *inv = 1.0f;
+    return false;
+}
