@@ -40,8 +40,10 @@ Backward (straight-through): ``grad_x = grad_out @ dequantize_rowwise(q, SCB, gr
 the dequantized weight is a temporary of the backward call only.
 
 Every function here is a ``torch.library`` custom op: the PyTorch reference is the default
-(CPU) implementation, CUDA gets CuPy kernels (``cuda/int8.cu``) plus ``torch._int_mm``
-(cuBLASLt int8 GEMM with int32 accumulation), and fake implementations make meta-device
+implementation (the forward on CPU tensors takes ``_int8_linear_cpu``, the same function bit
+for bit in fewer passes, with the int8 GEMM through ``torch._int_mm``), CUDA gets CuPy
+kernels (``cuda/int8.cu``) plus ``torch._int_mm`` (cuBLASLt int8 GEMM with int32
+accumulation), and fake implementations make meta-device
 models and ``torch.compile`` work.
 """
 
@@ -196,6 +198,104 @@ def int8_linear_reference(
     if bias32 is not None:
         out = out + bias32
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ CPU path
+
+# Elements of x (and of the output) one step of the CPU path works on: 512 KiB of fp32, so a
+# step's temporaries stay in a core's L2 between the few passes over them.
+_CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def _int8_linear_cpu(
+    x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor], threshold: float
+) -> torch.Tensor:
+    """``int8_linear_reference`` on CPU tensors, bit for bit, in fewer passes over memory.
+
+    The same fp32 operations in the same order; what changes is where they run. The reference
+    allocates a fresh ``M x K`` temporary per step of the activation quantization (~9 of them)
+    and three ``M x N`` ones in the epilogue. Here the activations are read once for the
+    column and row absmaxes together (row absmaxes are re-read only for rows of a matrix that
+    has outlier columns), quantized block of rows by block of rows in one reused buffer, the
+    int8 GEMM runs once through ``torch._int_mm`` (oneDNN/VNNI on x86), and the epilogue
+    (``acc * (row_scale * SCB)``, the outlier product, bias, the cast) runs in place, one
+    cache-sized block of output rows at a time. The clamp of the reference is dropped: a kept
+    value has ``|x| <= amax``, so ``|x * RN(127 / amax)| < 127.5`` and it rounds into range.
+    """
+    m, k = x.shape
+    n = q.shape[0]
+    if m <= DECODE_TOKENS or k == 0 or n == 0:
+        return int8_linear_reference(x, q, scb, bias, threshold)
+    xf = x.float().contiguous()
+    rows = max(1, _CPU_CHUNK_ELEMENTS // k)
+    buf = torch.empty((min(rows, m), k), dtype=torch.float32)
+    # Pass 1: row absmaxes and (with a threshold) column absmaxes, NaN propagating.
+    amax = torch.empty(m, dtype=torch.float32)
+    colmax = torch.zeros(k, dtype=torch.float32) if threshold > 0 else None
+    for r0 in range(0, m, rows):
+        a = torch.abs(xf[r0 : r0 + rows], out=buf[: min(rows, m - r0)])
+        torch.amax(a, dim=1, out=amax[r0 : r0 + a.shape[0]])
+        if colmax is not None:
+            torch.maximum(colmax, a.amax(dim=0), out=colmax)
+    cols = None
+    if colmax is not None:
+        flagged = colmax >= threshold
+        nan_cols = colmax.isnan()
+        if bool(nan_cols.any()):  # a NaN hides whether its column also holds a |x| >= threshold
+            flagged[nan_cols] = (xf[:, nan_cols].abs() >= threshold).any(dim=0)
+        cols = flagged.nonzero().flatten()[:OUTLIER_CAP]
+        if not cols.numel():
+            cols = None
+    if cols is not None:  # the row absmaxes of the reference exclude the outlier columns
+        for r0 in range(0, m, rows):
+            a = torch.abs(xf[r0 : r0 + rows], out=buf[: min(rows, m - r0)])
+            a.index_fill_(1, cols, 0.0)
+            torch.amax(a, dim=1, out=amax[r0 : r0 + a.shape[0]])
+    usable = (amax > 0) & torch.isfinite(amax)
+    inv = torch.where(usable, _div(127.0, amax), torch.zeros_like(amax))
+    # x * inv is finite unless a row has a non-finite value (inv 0: inf * 0) or a tiny absmax (inv inf)
+    finite = bool(torch.isfinite(amax).all()) and bool(torch.isfinite(inv).all())
+    # Pass 2: quantize.
+    xq = torch.empty((m, k), dtype=torch.int8)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        s = torch.mul(xf[r0:r1], inv[r0:r1, None], out=buf[: r1 - r0])
+        if cols is not None:
+            s.index_fill_(1, cols, 0.0)
+        if not finite:
+            s.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        xq[r0:r1].copy_(s.round_())
+    acc = _int_mm_exact(xq, q)
+    del xq, buf
+    row_scale = _div(amax, 127.0)
+    outlier_part = None
+    if cols is not None:
+        outlier_part = x[:, cols].float() @ q[:, cols].float().t()  # the reference's own product
+    bias32 = None if bias is None else bias.float()
+    out = torch.empty((m, n), dtype=x.dtype)
+    rows = max(1, _CPU_CHUNK_ELEMENTS // n)
+    scale = torch.empty((min(rows, m), n), dtype=torch.float32)
+    fp32 = x.dtype == torch.float32
+    out32 = None if fp32 else torch.empty((min(rows, m), n), dtype=torch.float32)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        sc = torch.mul(row_scale[r0:r1, None], scb[None, :], out=scale[: r1 - r0])
+        o = out[r0:r1] if fp32 else out32[: r1 - r0]
+        o.copy_(acc[r0:r1]).mul_(sc)
+        if outlier_part is not None:
+            o.add_(outlier_part[r0:r1].mul_(scb))
+        if bias32 is not None:
+            o.add_(bias32)
+        if not fp32:
+            out[r0:r1].copy_(o)  # the one rounding to x's dtype
+    return out
+
+
+def _int8_linear_default(x, q, scb, bias, threshold):
+    """The implementation off CUDA: the fast CPU path on CPU tensors, the reference elsewhere."""
+    if x.device.type == "cpu":
+        return _int8_linear_cpu(x, q, scb, bias, threshold)
+    return int8_linear_reference(x, q, scb, bias, threshold)
 
 
 # ----------------------------------------------------------------------------- CUDA paths
@@ -423,7 +523,7 @@ def _(x, threshold):
 def _int8_linear_op(
     x: torch.Tensor, q: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor], threshold: float
 ) -> torch.Tensor:
-    return int8_linear_reference(x, q, scb, bias, threshold)
+    return _int8_linear_default(x, q, scb, bias, threshold)
 
 
 @_int8_linear_op.register_fake
@@ -499,7 +599,7 @@ class _Int8LinearEager(torch.autograd.Function):
         _setup_context(ctx, (x, q, scb, bias, threshold), None)
         if _launch.kernel_device(x.device):
             return _int8_linear_cuda(x, q, scb, bias, threshold)
-        return int8_linear_reference(x, q, scb, bias, threshold)
+        return _int8_linear_default(x, q, scb, bias, threshold)
 
     @staticmethod
     def backward(ctx, grad):

@@ -156,6 +156,58 @@ def test_decode_and_mixed_paths_meet_at_16_tokens():
     assert 1e-4 < ((mixed.double() - exact).norm() / exact.norm()) < 1.5e-2
 
 
+def _same(a, b):
+    return torch.equal(a.nan_to_num(12345.0), b.nan_to_num(12345.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(17, 64, 8), (33, 1001, 300), (300, 384, 33), (100, 7, 1), (129, 2000, 3)])
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 0.5])
+@pytest.mark.parametrize("chunk", [int8._CPU_CHUNK_ELEMENTS, 500])
+def test_cpu_path_equals_reference_bit_for_bit(dtype, mkn, threshold, chunk, monkeypatch):
+    """The fused CPU forward is the reference, bit for bit (0.5: more flagged columns than the cap)."""
+    monkeypatch.setattr(int8, "_CPU_CHUNK_ELEMENTS", chunk)  # 500: many row blocks, 1-row blocks for wide x
+    m, k, n = mkn
+    x = torch.randn(m, k)
+    x[:, torch.randperm(k)[: max(1, k // 250)]] *= 25
+    x = x.to(dtype)
+    q, scb = int8.quantize_rowwise(torch.randn(n, k))
+    for bias in (None, torch.randn(n).to(dtype)):
+        got = int8._int8_linear_cpu(x, q, scb, bias, threshold)
+        assert got.dtype == dtype and torch.equal(got, int8.int8_linear_reference(x, q, scb, bias, threshold))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_cpu_path_non_finite_and_tiny_rows_as_reference(threshold):
+    x = torch.randn(40, 50)
+    x[3, 5] = float("nan")  # NaN row
+    x[4] = 1e-38  # 127 / absmax overflows
+    x[5, 7] = float("inf")
+    x[6] = 0
+    x[:, 9] = float("nan")  # a NaN column that also holds an outlier
+    x[7, 9] = 10
+    x[:, 11] *= 30
+    q, scb = int8.quantize_rowwise(torch.randn(30, 50))
+    assert _same(int8._int8_linear_cpu(x, q, scb, None, threshold), int8.int8_linear_reference(x, q, scb, None, threshold))
+    x = torch.randn(40, 50)
+    x[:, 9] = float("nan")  # NaN column without an outlier: not flagged
+    x[:, 11] *= 30
+    assert _same(int8._int8_linear_cpu(x, q, scb, None, threshold), int8.int8_linear_reference(x, q, scb, None, threshold))
+
+
+def test_cpu_layer_takes_the_fused_path(monkeypatch):
+    calls = []
+    fused = int8._int8_linear_cpu
+    monkeypatch.setattr(int8, "_int8_linear_cpu", lambda *a: calls.append(a[0].shape) or fused(*a))
+    layer = Linear8bitLt.from_linear(nn.Linear(64, 32))
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    out = layer(x)  # eager: the autograd Function
+    out.sum().backward()
+    assert calls == [(60, 64)] and x.grad.shape == x.shape
+    int8._int8_linear_op(x.detach().reshape(60, 64), layer.weight, layer.SCB, layer.bias, 6.0)  # the custom op
+    assert calls == [(60, 64)] * 2
+
+
 @pytest.mark.parametrize(
     "op, args",
     [
