@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _launch
+from . import _cpu, _launch
 from .blockwise import block_scale_reference, dequantize_blockwise_reference, quantize_blockwise_reference
 from .quant_map import map_boundaries, map_on, zero_code
 
@@ -328,6 +328,10 @@ def adam_step(
         params, grads = pick(params, rest), pick(grads, rest)
         exp_avgs, exp_avg_sqs = pick(exp_avgs, rest), pick(exp_avg_sqs, rest)
         exp_avg_absmax, exp_avg_sq_absmax = pick(exp_avg_absmax, rest), pick(exp_avg_sq_absmax, rest)
+    if params[0].device.type == "cpu" and _cpu.library() is not None:
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax = _step_compiled(
+            params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax, scalars, blocksize
+        )
     for i, p in enumerate(params):
         if p.device.type == "cpu" and p.is_contiguous():
             step = _step_cpu
@@ -338,6 +342,78 @@ def adam_step(
             exp_avg_absmax[i] if state8 else None, exp_avg_sq_absmax[i] if state8 else None,
             scalars, blocksize,
         )
+
+
+# ------------------------------------------------------------ compiled CPU path
+# cpu/adam_cpu.cpp (built by kernels/_cpu.py): the reference's bits in one fused, vectorized
+# pass per block, threads over chunks. Tensors it cannot take (non-contiguous, a gradient of
+# another dtype, an unsupported blocksize) go on to the paths above.
+
+
+@functools.cache
+def _compiled_encode_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled kernel's encoder tables: the GPU cell table as int32, and the boundaries + inf.
+
+    Its encoder takes a fixed two steps past the cell's count (branch-free, so it vectorizes);
+    checked here: no cell of the table holds more than two boundaries.
+    """
+    lut = _gpu_encode_table_cpu(signed).to(torch.int32)
+    mid = map_boundaries(signed)
+    mid_ext = torch.cat([mid, torch.tensor([float("inf")])])
+    # every cell's lowest and highest member: the boundaries a value of the cell can be above
+    # beyond the table's count are those in [lo, hi)
+    e = torch.arange(GPU_LUT_NEXP).view(-1, 1)
+    field = (e + GPU_LUT_EXP0) << 23 | torch.arange(128).view(1, -1) << 16
+    top = torch.where(e == 0, (GPU_LUT_EXP0 + 1) << 23, field | 0xFFFF)  # the tiny cell: [0, 2**-24)
+    bottom = torch.where(e == 0, 0, field)
+    as_f = lambda bits: bits.to(torch.int32).view(torch.float32)  # noqa: E731
+    pos = torch.bucketize(as_f(top), mid) - torch.bucketize(as_f(bottom), mid)
+    neg = torch.bucketize(-as_f(bottom), mid) - torch.bucketize(-as_f(top), mid)
+    extra = int(torch.cat([pos.reshape(-1), neg.reshape(-1)]).max())
+    if extra > 2:
+        raise AssertionError(f"a cell of the encoder table holds {extra} boundaries; the compiled encoder takes 2 steps")
+    return lut, mid_ext
+
+
+def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int):
+    """Step what the compiled CPU kernel can take; return the lists of the rest."""
+    state8 = mas is not None
+    lib = _cpu.library()
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    rest = []
+    for i, p in enumerate(params):
+        g = grads[i]
+        simple = (
+            p.dtype in _CTYPE and g.dtype == p.dtype and p.is_contiguous()
+            and ms[i].is_contiguous() and vs[i].is_contiguous() and g.shape == p.shape
+        )
+        (by_dtype.setdefault(p.dtype, []) if simple else rest).append(i)
+    if state8 and blocksize not in STATE_BLOCKSIZES:
+        return params, grads, ms, vs, mas, vas
+    qmap1, qmap2 = map_on(True, "cpu"), map_on(False, "cpu")
+    lut1, mid1 = _compiled_encode_tables(True)
+    lut2, mid2 = _compiled_encode_tables(False)
+    scalars = np.array(
+        [s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.step_size, s.inv_bc2_sqrt, s.decay, s.weight_decay],
+        dtype=np.float32,
+    )
+    for dtype, idx in by_dtype.items():
+        keep = [grads[i].contiguous() for i in idx]  # alive through the call
+        rows = []
+        for j, i in enumerate(idx):
+            ma = mas[i].data_ptr() if state8 else 0
+            va = vas[i].data_ptr() if state8 else 0
+            rows += [params[i].data_ptr(), keep[j].data_ptr(), ms[i].data_ptr(), vs[i].data_ptr(), ma, va, params[i].numel()]
+        table = np.array(rows, dtype=np.int64)
+        rc = lib.optim8_adam_step(
+            _cpu._dtype_codes()[dtype], int(state8), int(s.decoupled), blocksize if state8 else 256, len(idx),
+            table.ctypes.data, qmap1.data_ptr(), qmap2.data_ptr(), lut1.data_ptr(), mid1.data_ptr(),
+            lut2.data_ptr(), mid2.data_ptr(), _ZERO_SIGNED, _ZERO_UNSIGNED, scalars.ctypes.data, torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"optim8's compiled CPU Adam step refused its arguments (code {rc}); this is a bug")
+    pick = lambda xs: None if xs is None else [xs[i] for i in rest]  # noqa: E731
+    return pick(params), pick(grads), pick(ms), pick(vs), pick(mas), pick(vas)
 
 
 # ---------------------------------------------------------------------------- CUDA

@@ -31,7 +31,6 @@ import functools
 import hashlib
 import itertools
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from . import _launch
+from ._cpu import compiler  # the system C++ compiler ($CXX, else g++, c++ or clang++)
 
 HEADER = Path(__file__).resolve().parent / "host" / "cuda_host.h"
 FLAGS = (
@@ -57,18 +57,6 @@ FLAGS = (
 SANITIZE_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-fsanitize=alignment", "-fno-sanitize-recover=all")
 SM_COUNT = 8  # small, so that grid-stride loops stride on test-sized inputs
 CTAS_PER_SM = 2
-
-
-def compiler() -> str | None:
-    """The C++ compiler the host device uses (``$CXX``, else g++, c++ or clang++), or None."""
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx) or cxx
-    for name in ("g++", "c++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 def unavailable_reason() -> str | None:

@@ -1,0 +1,208 @@
+// The fused Adam / AdamW step for CPU tensors: the CPU twin of cuda/adam.cu, compiled at first
+// use by the system C++ compiler (kernels/_cpu.py). Bit for bit the PyTorch reference of
+// kernels/adam.py: every operation is one correctly rounded fp32 operation in the reference's
+// order (built with -ffp-contract=off, no fast-math), the square root is taken in fp64 and
+// rounded to fp32 (the reference's correctly rounded sqrt), and the quantizer is
+// kernels/blockwise.py's algorithm with the reference's table-driven encoder.
+//
+// One call covers every tensor of a step: `table` holds 7 int64 per tensor (p, g, m, v,
+// m_absmax, v_absmax, n). The work is cut into chunks of whole quantization blocks, shared by
+// up to `nthreads` threads. Per block, one pass: load p, g and the state (dequantize codes),
+// update, take the block's new scale, encode, store.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+typedef uint16_t u16;
+struct f16 { u16 bits; };
+struct bf16 { u16 bits; };
+
+inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return bits_float((uint32_t)x.bits << 16); }
+inline float to_float(f16 x) { _Float16 h; std::memcpy(&h, &x.bits, 2); return (float)h; }
+
+// Round-to-nearest-even, as torch's .to(dtype) does (NaN: torch's scalar bf16 NaN).
+template <typename T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline bf16 from_float<bf16>(float x) {
+    uint32_t u = float_bits(x);
+    bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = 0x7fc0;
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        r.bits = (u16)(u >> 16);
+    }
+    return r;
+}
+template <> inline f16 from_float<f16>(float x) {
+    const _Float16 h = (_Float16)x;
+    f16 r;
+    std::memcpy(&r.bits, &h, 2);
+    return r;
+}
+
+inline bool finite(float x) { return std::fabs(x) <= 3.402823466e38f; }
+
+struct Args {
+    const int64_t* table;
+    const float* qmap1;
+    const float* qmap2;
+    const int32_t* lut1;  // kernels/adam.py _gpu_encode_table as int32 (see encode)
+    const float* mid1;    // the 255 boundaries and +inf
+    const int32_t* lut2;
+    const float* mid2;
+    int zero1, zero2, blocksize;
+    float beta1, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt, decay, weight_decay;
+};
+
+// #(boundaries < s) for finite s, branch-free (so the loops below vectorize): `lut` counts the
+// boundaries below the lowest value of s's cell (sign, exponent field 103..128 or "tiny", top
+// 7 mantissa bits: kernels/adam.py _gpu_encode_table, the table cuda/adam.cu uses), then at
+// most two boundaries lie inside a cell (checked where the table is built); mid[255] = +inf.
+inline int encode(const int32_t* lut, const float* mid, float s) {
+    const uint32_t b = float_bits(s);
+    int e = (int)((b >> 23) & 0xffu) - 102;
+    e = e < 0 ? 0 : (e > 26 ? 26 : e);
+    const int m7 = e == 0 ? 0 : (int)((b >> 16) & 0x7fu);
+    int c = lut[((int)(b >> 31) * 27 + e) * 128 + m7];
+    c += mid[c] < s;
+    c += mid[c] < s;
+    return c;
+}
+
+// Quantize one block of n values into codes; returns its stored absmax (kernels/blockwise.py:
+// the signed map's scale is the block's extreme value with its sign, the unsigned map's the
+// largest magnitude; non-finite blocks NaN, blocks below 2**-104 zero; a positive value never
+// takes the unsigned map's code 0).
+template <bool SIGNED>
+inline float quantize_block(const float* x, int n, const int32_t* lut, const float* mid, int zero, uint8_t* codes) {
+    uint32_t k = 0;
+    for (int i = 0; i < n; ++i) {
+        const uint32_t b = float_bits(x[i]);
+        const uint32_t key = SIGNED ? ((b & 0x7fffffffu) << 1) | ((b >> 31) ^ 1u) : (b & 0x7fffffffu);
+        k = key > k ? key : k;
+    }
+    const float m = SIGNED ? bits_float((k >> 1) | (((k & 1u) ^ 1u) << 31)) : bits_float(k);
+    const float amax = std::fabs(m);
+    if (!(finite(amax) && amax >= 0x1p-104f)) {
+        std::memset(codes, zero, (size_t)n);
+        return finite(amax) ? 0.0f : bits_float(0x7fc00000u);
+    }
+    const float inv = 1.0f / m;
+    for (int i = 0; i < n; ++i) {
+        const float s = x[i] * inv;
+        int c = encode(lut, mid, s);
+        if (!SIGNED) c = (c == 0 && s > 0.0f) ? 1 : c;
+        codes[i] = (uint8_t)c;
+    }
+    return m;
+}
+
+constexpr int MAXB = 256;
+
+template <typename T, bool STATE8, bool DECOUPLED>
+void run(const Args& a, int t, int64_t start, int64_t end) {
+    const int64_t* row = a.table + 7 * (int64_t)t;
+    T* p = reinterpret_cast<T*>(row[0]);
+    const T* g = reinterpret_cast<const T*>(row[1]);
+    const int B = STATE8 ? a.blocksize : MAXB;
+    alignas(64) float pv[MAXB], gv[MAXB], mv[MAXB], vv[MAXB];
+    for (int64_t b0 = start; b0 < end; b0 += B) {
+        const int n = (int)std::min<int64_t>(B, end - b0);
+        for (int i = 0; i < n; ++i) pv[i] = to_float(p[b0 + i]);
+        for (int i = 0; i < n; ++i) gv[i] = to_float(g[b0 + i]);
+        if (STATE8) {
+            const uint8_t* mc = reinterpret_cast<const uint8_t*>(row[2]) + b0;
+            const uint8_t* vc = reinterpret_cast<const uint8_t*>(row[3]) + b0;
+            const float am = reinterpret_cast<const float*>(row[4])[b0 / B];
+            const float av = reinterpret_cast<const float*>(row[5])[b0 / B];
+            for (int i = 0; i < n; ++i) mv[i] = a.qmap1[mc[i]] * am;
+            for (int i = 0; i < n; ++i) vv[i] = a.qmap2[vc[i]] * av;
+        } else {
+            std::memcpy(mv, reinterpret_cast<const float*>(row[2]) + b0, sizeof(float) * n);
+            std::memcpy(vv, reinterpret_cast<const float*>(row[3]) + b0, sizeof(float) * n);
+        }
+        for (int i = 0; i < n; ++i) {
+            float gi = gv[i];
+            if (!DECOUPLED) gi = gi + pv[i] * a.weight_decay;
+            const float m1 = mv[i] * a.beta1 + gi * a.omb1;
+            const float v1 = (gi * gi) * a.omb2 + vv[i] * a.beta2;
+            float den = (float)std::sqrt((double)v1);
+            den = den * a.inv_bc2_sqrt;
+            den = den + a.eps;
+            const float step = (m1 * a.step_size) / den;
+            const float p1 = (DECOUPLED ? pv[i] * a.decay : pv[i]) - step;
+            const bool ok = finite(m1) && finite(v1);  // else: the element keeps p, m and v
+            pv[i] = ok ? p1 : pv[i];
+            mv[i] = ok ? m1 : mv[i];
+            vv[i] = ok ? v1 : vv[i];
+        }
+        for (int i = 0; i < n; ++i) p[b0 + i] = from_float<T>(pv[i]);
+        if (STATE8) {
+            uint8_t* mc = reinterpret_cast<uint8_t*>(row[2]) + b0;
+            uint8_t* vc = reinterpret_cast<uint8_t*>(row[3]) + b0;
+            reinterpret_cast<float*>(row[4])[b0 / B] = quantize_block<true>(mv, n, a.lut1, a.mid1, a.zero1, mc);
+            reinterpret_cast<float*>(row[5])[b0 / B] = quantize_block<false>(vv, n, a.lut2, a.mid2, a.zero2, vc);
+        } else {
+            std::memcpy(reinterpret_cast<float*>(row[2]) + b0, mv, sizeof(float) * n);
+            std::memcpy(reinterpret_cast<float*>(row[3]) + b0, vv, sizeof(float) * n);
+        }
+    }
+}
+
+typedef void (*RunFn)(const Args&, int, int64_t, int64_t);
+
+template <typename T>
+RunFn pick(bool state8, bool decoupled) {
+    if (state8) return decoupled ? run<T, true, true> : run<T, true, false>;
+    return decoupled ? run<T, false, true> : run<T, false, false>;
+}
+
+struct Item { int t; int64_t start, end; };
+
+}  // namespace
+
+// dtype: 0 float32, 1 float16, 2 bfloat16. scalars: beta1, 1 - beta1, beta2, 1 - beta2, eps,
+// step_size, inv_bc2_sqrt, decay, weight_decay (fp32 values, kernels/adam.py adam_scalars).
+// Returns 0, or -1 for an unknown dtype / blocksize.
+extern "C" int optim8_adam_step(int dtype, int state8, int decoupled, int blocksize, int ntensors,
+                                const int64_t* table, const float* qmap1, const float* qmap2,
+                                const int32_t* lut1, const float* mid1, const int32_t* lut2, const float* mid2,
+                                int zero1, int zero2, const float* scalars, int nthreads) {
+    if (blocksize <= 0 || blocksize > MAXB || blocksize % 8) return -1;
+    RunFn fn = dtype == 0 ? pick<float>(state8, decoupled)
+             : dtype == 1 ? pick<f16>(state8, decoupled)
+             : dtype == 2 ? pick<bf16>(state8, decoupled) : nullptr;
+    if (!fn) return -1;
+    Args a{table, qmap1, qmap2, lut1, mid1, lut2, mid2, zero1, zero2, state8 ? blocksize : MAXB,
+           scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7], scalars[8]};
+    // chunks of whole blocks: 64K elements (a few hundred KB of traffic) per work item
+    const int64_t chunk = 1 << 16;
+    std::vector<Item> items;
+    int64_t total = 0;
+    for (int t = 0; t < ntensors; ++t) {
+        const int64_t n = table[7 * (int64_t)t + 6];
+        total += n;
+        for (int64_t s = 0; s < n; s += chunk) items.push_back({t, s, std::min(n, s + chunk)});
+    }
+    int workers = (int)std::min<int64_t>({(int64_t)std::max(nthreads, 1), (int64_t)items.size(), total / (1 << 17) + 1});
+    std::atomic<size_t> next{0};
+    auto work = [&]() {
+        for (size_t i = next++; i < items.size(); i = next++) fn(a, items[i].t, items[i].start, items[i].end);
+    };
+    std::vector<std::thread> threads;
+    for (int w = 1; w < workers; ++w) threads.emplace_back(work);
+    work();
+    for (auto& th : threads) th.join();
+    return 0;
+}
