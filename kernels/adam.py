@@ -352,27 +352,25 @@ def adam_step(
 
 @functools.cache
 def _compiled_encode_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled kernel's encoder tables: the GPU cell table as int32, and the boundaries + inf.
-
-    Its encoder takes a fixed two steps past the cell's count (branch-free, so it vectorizes);
-    checked here: no cell of the table holds more than two boundaries.
+    """The compiled kernel's encoder: per cell of the GPU table (sign, exponent, top 7 mantissa
+    bits), the number of boundaries below the cell's lowest value, and the one boundary inside
+    the cell (+inf where there is none): ``code = count[cell] + (inside[cell] < v)``, two
+    independent table reads (gathers) per value. Checked here: no cell holds two boundaries.
     """
-    lut = _gpu_encode_table_cpu(signed).to(torch.int32)
+    count = _gpu_encode_table_cpu(signed).to(torch.int64)
     mid = map_boundaries(signed)
+    sgn = torch.arange(2).view(2, 1, 1)
+    e = torch.arange(GPU_LUT_NEXP).view(1, -1, 1)
+    field = (e + GPU_LUT_EXP0) << 23 | torch.arange(128).view(1, 1, -1) << 16
+    tiny_top = ((GPU_LUT_EXP0 + 1) << 23) - 1
+    high = torch.where(sgn == 0, torch.where(e == 0, tiny_top, field | 0xFFFF), 1 << 31 | torch.where(e == 0, 0, field))
+    high = torch.where(high >= 1 << 31, high - (1 << 32), high).to(torch.int32).view(torch.float32).reshape(-1)
+    inside = torch.bucketize(high, mid) - count  # boundaries in [lowest, highest) of each cell
+    if int(inside.max()) > 1:
+        raise AssertionError("a cell of the encoder table holds two boundaries; the compiled encoder takes one")
     mid_ext = torch.cat([mid, torch.tensor([float("inf")])])
-    # every cell's lowest and highest member: the boundaries a value of the cell can be above
-    # beyond the table's count are those in [lo, hi)
-    e = torch.arange(GPU_LUT_NEXP).view(-1, 1)
-    field = (e + GPU_LUT_EXP0) << 23 | torch.arange(128).view(1, -1) << 16
-    top = torch.where(e == 0, (GPU_LUT_EXP0 + 1) << 23, field | 0xFFFF)  # the tiny cell: [0, 2**-24)
-    bottom = torch.where(e == 0, 0, field)
-    as_f = lambda bits: bits.to(torch.int32).view(torch.float32)  # noqa: E731
-    pos = torch.bucketize(as_f(top), mid) - torch.bucketize(as_f(bottom), mid)
-    neg = torch.bucketize(-as_f(bottom), mid) - torch.bucketize(-as_f(top), mid)
-    extra = int(torch.cat([pos.reshape(-1), neg.reshape(-1)]).max())
-    if extra > 2:
-        raise AssertionError(f"a cell of the encoder table holds {extra} boundaries; the compiled encoder takes 2 steps")
-    return lut, mid_ext
+    bound = torch.where(inside == 1, mid_ext[count.clamp(max=255)], float("inf"))
+    return count.to(torch.int32), bound.to(torch.float32).contiguous()
 
 
 def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int):

@@ -136,3 +136,52 @@ def test_builds_into_its_cache(monkeypatch, tmp_path):
         assert _reference_result()
     finally:
         _cpu.reset()
+
+
+@needs_compiler
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_compiled_encoder_at_every_boundary(blocksize):
+    """beta1 = beta2 = 0 makes the new moments the gradient (and its square): codes of values on,
+    just above and just below every decision boundary of both maps, in blocks whose scale is 1."""
+    from optim8.kernels.quant_map import map_boundaries
+
+    vals = []
+    for signed in (True, False):
+        mid = map_boundaries(signed)
+        for x in (mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0))):
+            vals.append(x)
+            vals.append(x.abs().sqrt())  # the second moment is g * g
+    v = torch.cat(vals)
+    per = blocksize - 1
+    nb = (v.numel() + per - 1) // per
+    g = torch.zeros(nb, blocksize)
+    g[:, 0] = 1.0  # every block's scale is exactly 1
+    g.view(-1)[torch.arange(nb * blocksize).view(nb, blocksize)[:, 1:].reshape(-1)[: v.numel()]] = v
+    g = g.reshape(-1)
+    s = A.adam_scalars(lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1, decoupled=True)
+    n = g.numel()
+    nbk = (n + blocksize - 1) // blocksize
+
+    def state():
+        return torch.zeros(n), torch.full((n,), 127, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8), torch.zeros(nbk), torch.zeros(nbk)
+
+    p1, m1, v1, ma1, va1 = state()
+    p2, m2, v2, ma2, va2 = state()
+    A._step_reference(p1, g, m1, v1, ma1, va1, s, blocksize)
+    assert A._step_compiled([p2], [g], [m2], [v2], [ma2], [va2], s, blocksize)[0] == []
+    assert torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert torch.equal(ma1, ma2) and torch.equal(va1, va2) and torch.equal(p1, p2)
+
+
+@needs_compiler
+def test_scalar_build_equals_reference_too(monkeypatch, tmp_path):
+    """The loops without AVX-512 (what a CPU without it runs): the same bits."""
+    monkeypatch.setattr(_cpu, "FLAGS", _cpu.FLAGS + ("-mno-avx512f",))
+    _fresh(monkeypatch, tmp_path)
+    try:
+        assert _cpu.library() is not None, _cpu.unavailable_reason()
+        test_compiled_step_equals_reference_bit_for_bit(True, 64, torch.bfloat16, True)
+        test_compiled_step_equals_reference_bit_for_bit(False, 256, torch.float16, False)
+        test_compiled_encoder_at_every_boundary(128)
+    finally:
+        _cpu.reset()
