@@ -351,11 +351,14 @@ def adam_step(
 
 
 @functools.cache
-def _compiled_encode_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled kernel's encoder: per cell of the GPU table (sign, exponent, top 7 mantissa
-    bits), the number of boundaries below the cell's lowest value, and the one boundary inside
-    the cell (+inf where there is none): ``code = count[cell] + (inside[cell] < v)``, two
-    independent table reads (gathers) per value. Checked here: no cell holds two boundaries.
+def _compiled_encode_table(signed: bool) -> torch.Tensor:
+    """The compiled kernel's encoder: one int32 per cell of the GPU table (sign, exponent, top 7
+    mantissa bits = the top 16 bits of the value), packing the number of boundaries below the
+    cell's lowest value (bits 0-7), whether a boundary lies inside the cell (bit 8) and that
+    boundary's low 16 bits (bits 16-31; its top 16 are the cell's). A value is above that
+    boundary when its low 16 bits are above the boundary's (below them, for negative values):
+    ``code = count + (inside and above)``, one table read (gather) per value. Checked here: no
+    cell holds two boundaries.
     """
     count = _gpu_encode_table_cpu(signed).to(torch.int64)
     mid = map_boundaries(signed)
@@ -368,9 +371,9 @@ def _compiled_encode_tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     inside = torch.bucketize(high, mid) - count  # boundaries in [lowest, highest) of each cell
     if int(inside.max()) > 1:
         raise AssertionError("a cell of the encoder table holds two boundaries; the compiled encoder takes one")
-    mid_ext = torch.cat([mid, torch.tensor([float("inf")])])
-    bound = torch.where(inside == 1, mid_ext[count.clamp(max=255)], float("inf"))
-    return count.to(torch.int32), bound.to(torch.float32).contiguous()
+    bound_bits = mid.view(torch.int32).to(torch.int64)[count.clamp(max=254)] & 0xFFFF
+    packed = count | inside << 8 | torch.where(inside == 1, bound_bits, 0) << 16
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int):
@@ -389,8 +392,7 @@ def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: i
     if state8 and blocksize not in STATE_BLOCKSIZES:
         return params, grads, ms, vs, mas, vas
     qmap1, qmap2 = map_on(True, "cpu"), map_on(False, "cpu")
-    lut1, mid1 = _compiled_encode_tables(True)
-    lut2, mid2 = _compiled_encode_tables(False)
+    lut1, lut2 = _compiled_encode_table(True), _compiled_encode_table(False)
     scalars = np.array(
         [s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.step_size, s.inv_bc2_sqrt, s.decay, s.weight_decay],
         dtype=np.float32,
@@ -405,8 +407,7 @@ def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: i
         table = np.array(rows, dtype=np.int64)
         rc = lib.optim8_adam_step(
             _cpu._dtype_codes()[dtype], int(state8), int(s.decoupled), blocksize if state8 else 256, len(idx),
-            table.ctypes.data, qmap1.data_ptr(), qmap2.data_ptr(), lut1.data_ptr(), mid1.data_ptr(),
-            lut2.data_ptr(), mid2.data_ptr(), _ZERO_SIGNED, _ZERO_UNSIGNED, scalars.ctypes.data, torch.get_num_threads(),
+            table.ctypes.data, qmap1.data_ptr(), qmap2.data_ptr(), lut1.data_ptr(), lut2.data_ptr(), _ZERO_SIGNED, _ZERO_UNSIGNED, scalars.ctypes.data, torch.get_num_threads(),
         )
         if rc != 0:
             raise RuntimeError(f"optim8's compiled CPU Adam step refused its arguments (code {rc}); this is a bug")

@@ -1,8 +1,8 @@
 // The fused Adam / AdamW step for CPU tensors: the CPU twin of cuda/adam.cu, compiled at first
 // use by the system C++ compiler (kernels/_cpu.py). Bit for bit the PyTorch reference of
 // kernels/adam.py: every operation is one correctly rounded fp32 operation in the reference's
-// order (built with -ffp-contract=off, no fast-math), the square root is taken in fp64 and
-// rounded to fp32 (the reference's correctly rounded sqrt), and the quantizer is
+// order (built with -ffp-contract=off, no fast-math), the square root is the hardware's IEEE
+// sqrt (correctly rounded, as the reference's fp64-and-round is), and the quantizer is
 // kernels/blockwise.py's algorithm with the reference's table-driven encoder.
 //
 // One call covers every tensor of a step: `table` holds 7 int64 per tensor (p, g, m, v,
@@ -36,15 +36,11 @@ inline float to_float(f16 x) { _Float16 h; std::memcpy(&h, &x.bits, 2); return (
 // Round-to-nearest-even, as torch's .to(dtype) does (NaN: torch's scalar bf16 NaN).
 template <typename T> inline T from_float(float x);
 template <> inline float from_float<float>(float x) { return x; }
-template <> inline bf16 from_float<bf16>(float x) {
-    uint32_t u = float_bits(x);
+template <> inline bf16 from_float<bf16>(float x) {  // branch-free, so the store loop vectorizes
+    const uint32_t u = float_bits(x);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     bf16 r;
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        r.bits = 0x7fc0;
-    } else {
-        u += 0x7fffu + ((u >> 16) & 1u);
-        r.bits = (u16)(u >> 16);
-    }
+    r.bits = (u16)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
     return r;
 }
 template <> inline f16 from_float<f16>(float x) {
@@ -60,30 +56,31 @@ struct Args {
     const int64_t* table;
     const float* qmap1;
     const float* qmap2;
-    const int32_t* lut1;  // per cell: boundaries below it (kernels/adam.py _compiled_encode_tables)
-    const float* mid1;    // per cell: the boundary inside it, or +inf
+    const int32_t* lut1;  // the encoder's table per cell (kernels/adam.py _compiled_encode_table)
     const int32_t* lut2;
-    const float* mid2;
     int zero1, zero2, blocksize;
     float beta1, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt, decay, weight_decay;
 };
 
-// #(boundaries < s) for finite s, branch-free (so the loops below vectorize): the cell of s
+// #(boundaries < s) for finite s, branch-free (so the loops below vectorize). The cell of s
 // (sign, exponent field 103..128 or "tiny", top 7 mantissa bits: the cells of the table
-// cuda/adam.cu uses) gives the number of boundaries below the cell's lowest value (`count`)
-// and the one boundary inside the cell, or +inf (`inside`; kernels/adam.py
-// _compiled_encode_tables checks that no cell holds two).
-inline int cell_of(float s) {
-    const uint32_t b = float_bits(s);
+// cuda/adam.cu uses) indexes `table` (kernels/adam.py _compiled_encode_table): bits 0-7 the
+// boundaries below the cell, bit 8 whether one lies inside it, bits 16-31 that boundary's low
+// 16 bits (it shares the cell's top 16). s is above it when s's low 16 bits are above its
+// (below, for negative s: float order is the reverse of bit order there).
+inline int cell_of(uint32_t b) {
     int e = (int)((b >> 23) & 0xffu) - 102;
     e = e < 0 ? 0 : (e > 26 ? 26 : e);
     const int m7 = e == 0 ? 0 : (int)((b >> 16) & 0x7fu);
     return ((int)(b >> 31) * 27 + e) * 128 + m7;
 }
 
-inline int encode(const int32_t* count, const float* inside, float s) {
-    const int cell = cell_of(s);
-    return count[cell] + (inside[cell] < s);
+inline int encode(const int32_t* table, float s) {
+    const uint32_t b = float_bits(s);
+    const uint32_t t = (uint32_t)table[cell_of(b)];
+    const uint32_t low = b & 0xffffu, bound = t >> 16;
+    const bool above = (b >> 31) ? bound > low : bound < low;
+    return (int)(t & 0xffu) + (int)(((t >> 8) & 1u) & (uint32_t)above);
 }
 
 // Quantize one block of n values into codes; returns its stored absmax (kernels/blockwise.py:
@@ -91,7 +88,7 @@ inline int encode(const int32_t* count, const float* inside, float s) {
 // largest magnitude; non-finite blocks NaN, blocks below 2**-104 zero; a positive value never
 // takes the unsigned map's code 0).
 template <bool SIGNED>
-inline float quantize_block(const float* x, int n, const int32_t* lut, const float* mid, int zero, uint8_t* codes) {
+inline float quantize_block(const float* x, int n, const int32_t* lut, int zero, uint8_t* codes) {
     uint32_t k = 0;
     for (int i = 0; i < n; ++i) {
         const uint32_t b = float_bits(x[i]);
@@ -101,13 +98,13 @@ inline float quantize_block(const float* x, int n, const int32_t* lut, const flo
     const float m = SIGNED ? bits_float((k >> 1) | (((k & 1u) ^ 1u) << 31)) : bits_float(k);
     const float amax = std::fabs(m);
     if (!(finite(amax) && amax >= 0x1p-104f)) {
-        std::memset(codes, zero, (size_t)n);
+        for (int i = 0; i < n; ++i) codes[i] = (uint8_t)zero;
         return finite(amax) ? 0.0f : bits_float(0x7fc00000u);
     }
     const float inv = 1.0f / m;
     int i = 0;
 #if defined(__AVX512F__)
-    // 16 at a time: the same cell index, gathers from the same two tables, the same compare
+    // 16 at a time: the same cell index, one gather from the same table, the same compares
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512i one = _mm512_set1_epi32(1), zero_i = _mm512_setzero_si512();
     for (; i + 16 <= n; i += 16) {
@@ -120,9 +117,14 @@ inline float quantize_block(const float* x, int n, const int32_t* lut, const flo
         const __m512i sign = _mm512_srli_epi32(b, 31);
         const __m512i cell = _mm512_add_epi32(_mm512_mullo_epi32(sign, _mm512_set1_epi32(27)), e);
         const __m512i idx = _mm512_add_epi32(_mm512_slli_epi32(cell, 7), m7);
-        __m512i c = _mm512_i32gather_epi32(idx, lut, 4);
-        const __mmask16 below = _mm512_cmp_ps_mask(_mm512_i32gather_ps(idx, mid, 4), sv, _CMP_LT_OQ);
-        c = _mm512_mask_add_epi32(c, below, c, one);
+        const __m512i t = _mm512_i32gather_epi32(idx, lut, 4);
+        const __m512i low = _mm512_and_si512(b, _mm512_set1_epi32(0xffff));
+        const __m512i bound = _mm512_srli_epi32(t, 16);
+        const __mmask16 neg = _mm512_cmpneq_epi32_mask(sign, zero_i);
+        const __mmask16 above = (neg & _mm512_cmpgt_epi32_mask(bound, low)) | (~neg & _mm512_cmplt_epi32_mask(bound, low));
+        const __mmask16 inside = _mm512_test_epi32_mask(t, _mm512_set1_epi32(0x100));
+        __m512i c = _mm512_and_si512(t, _mm512_set1_epi32(0xff));
+        c = _mm512_mask_add_epi32(c, above & inside, c, one);
         if (!SIGNED) {
             const __mmask16 up = _mm512_cmpeq_epi32_mask(c, zero_i) & _mm512_cmp_ps_mask(sv, _mm512_setzero_ps(), _CMP_GT_OQ);
             c = _mm512_mask_mov_epi32(c, up, one);
@@ -132,7 +134,7 @@ inline float quantize_block(const float* x, int n, const int32_t* lut, const flo
 #endif
     for (; i < n; ++i) {
         const float s = x[i] * inv;
-        int c = encode(lut, mid, s);
+        int c = encode(lut, s);
         if (!SIGNED) c = (c == 0 && s > 0.0f) ? 1 : c;
         codes[i] = (uint8_t)c;
     }
@@ -180,7 +182,7 @@ void run(const Args& a, int t, int64_t start, int64_t end) {
             if (!DECOUPLED) gi = gi + pv[i] * a.weight_decay;
             const float m1 = mv[i] * a.beta1 + gi * a.omb1;
             const float v1 = (gi * gi) * a.omb2 + vv[i] * a.beta2;
-            float den = (float)std::sqrt((double)v1);
+            float den = std::sqrt(v1);  // IEEE sqrt: correctly rounded, as the reference's fp64 route
             den = den * a.inv_bc2_sqrt;
             den = den + a.eps;
             const float step = (m1 * a.step_size) / den;
@@ -194,8 +196,8 @@ void run(const Args& a, int t, int64_t start, int64_t end) {
         if (STATE8) {
             uint8_t* mc = reinterpret_cast<uint8_t*>(row[2]) + b0;
             uint8_t* vc = reinterpret_cast<uint8_t*>(row[3]) + b0;
-            reinterpret_cast<float*>(row[4])[b0 / B] = quantize_block<true>(mv, n, a.lut1, a.mid1, a.zero1, mc);
-            reinterpret_cast<float*>(row[5])[b0 / B] = quantize_block<false>(vv, n, a.lut2, a.mid2, a.zero2, vc);
+            reinterpret_cast<float*>(row[4])[b0 / B] = quantize_block<true>(mv, n, a.lut1, a.zero1, mc);
+            reinterpret_cast<float*>(row[5])[b0 / B] = quantize_block<false>(vv, n, a.lut2, a.zero2, vc);
         } else {
             std::memcpy(reinterpret_cast<float*>(row[2]) + b0, mv, sizeof(float) * n);
             std::memcpy(reinterpret_cast<float*>(row[3]) + b0, vv, sizeof(float) * n);
@@ -220,14 +222,14 @@ struct Item { int t; int64_t start, end; };
 // Returns 0, or -1 for an unknown dtype / blocksize.
 extern "C" int optim8_adam_step(int dtype, int state8, int decoupled, int blocksize, int ntensors,
                                 const int64_t* table, const float* qmap1, const float* qmap2,
-                                const int32_t* lut1, const float* mid1, const int32_t* lut2, const float* mid2,
+                                const int32_t* lut1, const int32_t* lut2,
                                 int zero1, int zero2, const float* scalars, int nthreads) {
     if (blocksize <= 0 || blocksize > MAXB || blocksize % 8) return -1;
     RunFn fn = dtype == 0 ? pick<float>(state8, decoupled)
              : dtype == 1 ? pick<f16>(state8, decoupled)
              : dtype == 2 ? pick<bf16>(state8, decoupled) : nullptr;
     if (!fn) return -1;
-    Args a{table, qmap1, qmap2, lut1, mid1, lut2, mid2, zero1, zero2, state8 ? blocksize : MAXB,
+    Args a{table, qmap1, qmap2, lut1, lut2, zero1, zero2, state8 ? blocksize : MAXB,
            scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7], scalars[8]};
     // chunks of whole blocks: 64K elements (a few hundred KB of traffic) per work item
     const int64_t chunk = 1 << 16;
