@@ -468,6 +468,7 @@ def common_path(fn: Function, head: int, back: int, tensors: int, explain: bool 
 # What one thread handles per loop iteration (or per launch), per kernel.
 ELEMENT = {
     "adam_multi": "parameter",
+    "update_multi": "parameter",
     "quantize_blockwise": "element of x",
     "dequantize_blockwise": "element",
     "outlier_columns": "element of x",
@@ -529,7 +530,7 @@ def analyze(kernel: str, args: list[str], fn: Function, tensors: int, explain: b
         leaves = [lp for lp in cands if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in cands)]
         return max(leaves, key=lambda lp: _stream_count(span(lp), pattern)) if leaves else None
 
-    if kernel == "adam_multi":
+    if kernel in ("adam_multi", "update_multi"):  # the same grid-stride machinery (update.cuh mirrors adam.cu)
         hot = max(ls, key=lambda lp: lp[1] - lp[0])
         per_iter = 8  # a 256-element chunk per warp: 8 parameters per lane
         static = len(span(hot))

@@ -36,11 +36,15 @@ gradient overflows) is skipped, its parameter and moments left as they were; the
 elements of the tensor, and their 8-bit blocks, are updated normally. (With fp16 mixed
 precision, ``torch.amp.GradScaler`` skips the whole step before this matters.)
 
+``maximize=True`` negates the gradients in place for the step and back after it (an exact sign
+flip, so the step is the one on ``-g``; no copy of the gradients is made).
+
 Not supported (clear errors): sparse gradients, ``amsgrad=True``, ``eps=0`` with 8-bit state
 (torch accepts it; an 8-bit second moment can round to zero under a non-zero first moment, and
 the step would be infinite; 32-bit state takes ``eps=0`` as torch does). A tensor ``lr`` is
-accepted but read with ``float()`` every step (a host sync if it lives on a GPU): pass a
-Python float to keep ``step()`` free of synchronization.
+accepted but read with ``float()`` every step (a host sync if it lives on a GPU; the Adam
+kernel takes its scalars by value): pass a Python float to keep ``step()`` free of
+synchronization. (The optimizers of :mod:`optim8.optimizers` read a GPU ``lr`` on the GPU.)
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import torch
 
 from .kernels.adam import adam_scalars, adam_step
 from .optimizer import Optimizer8bit
+from .state import StateSlot
 
 __all__ = ["Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit"]
 
@@ -67,12 +72,17 @@ class Adam8bit(Optimizer8bit):
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
         lr, betas, eps, weight_decay: as in ``torch.optim.Adam``.
         amsgrad: must be False (8-bit AMSGrad is not implemented).
+        maximize: ascend instead of descend.
         optim_bits: 8 (default) or 32 (the same optimizer with fp32 state).
         min_8bit_size: parameters with fewer elements keep fp32 state (default 4096).
         blocksize: elements per absmax block of the 8-bit state: 64, 128 or 256 (default).
+        embedding_bits: 32 (default): ``nn.Embedding`` weights keep fp32 state; None: they follow ``optim_bits``.
+        foreach, fused: None or True (what optim8 does); capturable, differentiable: False.
     """
 
     decoupled_weight_decay = False
+    state_slots = (StateSlot("exp_avg", True), StateSlot("exp_avg_sq", False))
+    torch_counterpart = torch.optim.Adam
 
     def __init__(
         self,
@@ -83,15 +93,24 @@ class Adam8bit(Optimizer8bit):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        maximize: bool = False,
         optim_bits: int = 8,
         min_8bit_size: int = 4096,
         blocksize: int = 256,
+        embedding_bits: int | None = 32,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         if amsgrad:
             raise ValueError(f"{type(self).__name__} does not implement amsgrad=True; use torch.optim.AdamW(amsgrad=True)")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay)
-        self._check_hyperparameters(dict(defaults, optim_bits=optim_bits))
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size, blocksize=blocksize)
+        super().__init__(
+            params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size, blocksize=blocksize,
+            embedding_bits=embedding_bits, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+            differentiable=differentiable,
+        )
 
     def _check_hyperparameters(self, group: dict) -> None:
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -132,16 +151,23 @@ class Adam8bit(Optimizer8bit):
             decoupled=self.decoupled_weight_decay,
         )
         states = [s for _, _, s in batch]
-        adam_step(
-            [p for p, _, _ in batch],
-            [g for _, g, _ in batch],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["exp_avg_absmax"] for s in states] if state8 else None,
-            [s["exp_avg_sq_absmax"] for s in states] if state8 else None,
-            scalars=scalars,
-            blocksize=group["blocksize"],
-        )
+        grads = [g for _, g, _ in batch]
+        if group["maximize"]:
+            torch._foreach_neg_(grads)  # exact; undone below, so the caller's gradients are unchanged
+        try:
+            adam_step(
+                [p for p, _, _ in batch],
+                grads,
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["exp_avg_absmax"] for s in states] if state8 else None,
+                [s["exp_avg_sq_absmax"] for s in states] if state8 else None,
+                scalars=scalars,
+                blocksize=group["blocksize"],
+            )
+        finally:
+            if group["maximize"]:
+                torch._foreach_neg_(grads)
 
 
 class AdamW8bit(Adam8bit):
@@ -151,22 +177,87 @@ class AdamW8bit(Adam8bit):
     """
 
     decoupled_weight_decay = True
+    torch_counterpart = torch.optim.AdamW
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        optim_bits: int = 8,
+        min_8bit_size: int = 4096,
+        blocksize: int = 256,
+        embedding_bits: int | None = 32,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size, blocksize=blocksize, embedding_bits=embedding_bits, foreach=foreach,
+            fused=fused, capturable=capturable, differentiable=differentiable,
+        )
 
 
 class Adam32bit(Adam8bit):
     """:class:`Adam8bit` with ``optim_bits=32``: fp32 state, same code path (and CUDA kernel)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, **kwargs):
-        kwargs.setdefault("optim_bits", 32)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        blocksize: int = 256,
+        embedding_bits: int | None = 32,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size, blocksize=blocksize, embedding_bits=embedding_bits, foreach=foreach,
+            fused=fused, capturable=capturable, differentiable=differentiable,
+        )
 
 
 class AdamW32bit(AdamW8bit):
     """:class:`AdamW8bit` with ``optim_bits=32``: fp32 state, same code path (and CUDA kernel)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
-        kwargs.setdefault("optim_bits", 32)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        blocksize: int = 256,
+        embedding_bits: int | None = 32,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size, blocksize=blocksize, embedding_bits=embedding_bits, foreach=foreach,
+            fused=fused, capturable=capturable, differentiable=differentiable,
+        )

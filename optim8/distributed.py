@@ -57,13 +57,12 @@ import sys
 
 import torch
 
+from .state import ABSMAX_SUFFIX as _ABSMAX_SUFFIX, gathered_shard_values, optim_bits_override, set_optim_bits
+
 __all__ = [
     "local_tensor", "is_dtensor", "checkpoint_state", "restore_state", "checkpoint_state_dict", "gathered_shard_values",
     "fully_shard",
 ]
-
-_ABSMAX_SUFFIX = "_absmax"
-
 
 def _dtensor_class():
     module = sys.modules.get("torch.distributed.tensor")
@@ -194,44 +193,6 @@ def restore_state(p: torch.Tensor, state: dict, *, blocksize: int) -> dict:
     return out
 
 
-def gathered_shard_values(codes: torch.Tensor, absmax: torch.Tensor, *, blocksize: int, signed: bool) -> torch.Tensor:
-    """The fp32 values of gathered FSDP2 8-bit state: whole-parameter ``codes``, ``absmax`` one row per shard.
-
-    Shard ``i`` is taken to be ``torch.chunk(p, shards, dim=0)[i]`` (FSDP2's default ``Shard(0)``)
-    and its flat elements to be quantized in blocks of ``blocksize`` of their own, its row
-    zero-padded past its block count (see the module docstring). Raises ``ValueError`` when the
-    absmax cannot be that layout (another sharding: resume it on its own mesh instead).
-    """
-    from .kernels.blockwise import dequantize_blockwise
-
-    if absmax.dim() != 2 or codes.dim() == 0:
-        raise ValueError(
-            f"absmax of shape {tuple(absmax.shape)} for a parameter of shape {tuple(codes.shape)}: only state "
-            "sharded over one mesh dimension (FSDP2's Shard(0), HSDP) can be re-blocked; resume it on the mesh it "
-            "was saved on"
-        )
-    shards, capacity = absmax.shape
-    rows = codes.shape[0]
-    per_row = codes.numel() // rows if rows else 0
-    chunk = math.ceil(rows / shards) if rows else 0
-    flat = codes.reshape(-1)
-    values = torch.empty(codes.numel(), dtype=torch.float32, device=codes.device)
-    for i in range(shards):
-        start, end = min(i * chunk, rows) * per_row, min((i + 1) * chunk, rows) * per_row
-        blocks = math.ceil((end - start) / blocksize)
-        if (i == 0 and blocks != capacity) or blocks > capacity or bool((absmax[i, blocks:] != 0).any()):
-            raise ValueError(
-                f"absmax of shape {tuple(absmax.shape)} does not fit a parameter of shape {tuple(codes.shape)} "
-                f"chunked along dim 0 into {shards} shards with blocks of {blocksize}: it was sharded otherwise; "
-                "resume it on the mesh it was saved on"
-            )
-        if end > start:
-            values[start:end] = dequantize_blockwise(
-                flat[start:end], absmax[i, :blocks].contiguous(), blocksize=blocksize, signed=signed
-            )
-    return values.view(codes.shape)
-
-
 def _contiguous_stride(shape) -> tuple[int, ...]:
     stride, acc = [], 1
     for size in reversed(tuple(shape)):
@@ -249,8 +210,6 @@ def fully_shard(module: torch.nn.Module, **kwargs):
     value are ``fully_shard``'s.
     """
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
-
-    from .optimizer import optim_bits_override, set_optim_bits
 
     marks = {name: bits for name, q in module.named_parameters() if (bits := optim_bits_override(q)) is not None}
     result = torch_fully_shard(module, **kwargs)

@@ -49,86 +49,75 @@ from itertools import chain
 
 import torch
 
-from .distributed import checkpoint_state_dict, gathered_shard_values, is_dtensor, local_tensor, restore_state
+from .distributed import checkpoint_state_dict, is_dtensor, local_tensor, restore_state
 from .kernels.adam import STATE_BLOCKSIZES
-from .kernels.blockwise import dequantize_blockwise, quantize_blockwise
+from .kernels.blockwise import quantize_blockwise
 from .kernels.quant_map import zero_code
+from .state import (
+    StateSlot, copy_to, is_embedding_weight, is_state8, optim_bits_override, parse_state, saved_names, set_optim_bits,
+    slot_values,
+)
 
-__all__ = ["Optimizer8bit", "set_optim_bits", "to_torch_state_dict"]
+__all__ = ["Optimizer8bit", "set_optim_bits", "to_torch_state_dict", "optim_bits_override"]
 
-_OVERRIDE_ATTR = "_optim8_bits"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MOMENTS = ("exp_avg", "exp_avg_sq")  # first moment: signed map; second: unsigned
-# state-dict name of each 8-bit code tensor (in memory the codes keep the moment's name)
-_CODE_NAMES = {"exp_avg": "exp_avg_codes", "exp_avg_sq": "exp_avg_sq_codes"}
-_ABSMAX_NAMES = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
-# group options that describe this optimizer's state layout: a loaded state dict never changes them
-_OWN_OPTIONS = ("optim_bits", "min_8bit_size", "blocksize")
-# torch.optim.Adam(W) group flags with no meaning here (amsgrad and maximize are refused when set)
-_TORCH_FLAGS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
-
-
-def set_optim_bits(target: torch.nn.Module | torch.Tensor | Iterable[torch.Tensor], bits: int | None, *, names: Iterable[str] | None = None) -> None:
-    """Fix the optimizer-state precision of chosen parameters, whatever their group says.
-
-    ``target`` is a parameter, an iterable of parameters, or a module (all its parameters,
-    or only those whose names, as in ``module.named_parameters()``, are in ``names``).
-    ``bits`` is 32 (the usual use: keep embeddings at 32-bit state), 8 (8-bit state even
-    below ``min_8bit_size``), or ``None`` to remove the override. The mark lives on the
-    parameter object and is read when the optimizer creates its state (its first step):
-    call it after loading the model and before the first step. Example::
-
-        optim8.set_optim_bits(model.get_input_embeddings(), 32)
-        opt = optim8.AdamW8bit(model.parameters(), lr=1e-4)
-    """
-    if bits not in (8, 32, None):
-        raise ValueError(f"bits must be 8, 32 or None (remove the override), got {bits!r}")
-    if isinstance(target, torch.nn.Module):
-        named = dict(target.named_parameters())
-        if names is not None:
-            names = list(names)
-            missing = [n for n in names if n not in named]
-            if missing:
-                raise ValueError(f"{type(target).__name__} has no parameters named {missing}; it has {sorted(named)}")
-            params = [named[n] for n in names]
-        else:
-            params = list(named.values())
-    elif isinstance(target, torch.Tensor):
-        params = [target]
-    else:
-        params = list(target)
-    if names is not None and not isinstance(target, torch.nn.Module):
-        raise TypeError("names= selects parameters of a module; pass the module as target")
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"set_optim_bits expects parameters (tensors), got {type(p).__name__}")
-        if bits is None:
-            if hasattr(p, _OVERRIDE_ATTR):
-                delattr(p, _OVERRIDE_ATTR)
-        else:
-            setattr(p, _OVERRIDE_ATTR, bits)
-
-
-def optim_bits_override(p: torch.Tensor) -> int | None:
-    """The bits :func:`set_optim_bits` chose for ``p``, or ``None``."""
-    return getattr(p, _OVERRIDE_ATTR, None)
+# group options that describe this optimizer's state layout or its implementation: a loaded state
+# dict never changes them (a torch checkpoint's foreach=False describes torch's loop, not ours)
+_OWN_OPTIONS = ("optim_bits", "min_8bit_size", "blocksize", "embedding_bits", "foreach", "fused", "capturable", "differentiable")
+# torch.optim group flags that no optim8 optimizer keeps (amsgrad is refused when set)
+_TORCH_FLAGS = ("amsgrad", "decoupled_weight_decay")
+# torch.optim's implementation keywords: what is true of optim8 (the value accepted besides None)
+_IMPLEMENTATION = {
+    "foreach": (True, "optim8 always updates a group's tensors together (one multi-tensor kernel launch on CUDA)"),
+    "fused": (True, "optim8's step is one fused pass over memory per group (one kernel launch on CUDA)"),
+    "capturable": (False, "optim8 keeps the step count on the host and passes its scalars to the kernel, so a "
+                          "captured CUDA graph would replay stale bias corrections"),
+    "differentiable": (False, "optim8's update runs under torch.no_grad() and cannot be differentiated through"),
+}
 
 
 class Optimizer8bit(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose per-parameter state is 8-bit or 32-bit (see module doc).
 
-    Subclasses implement :meth:`_update_batch`, which receives every parameter of one group
-    that shares device, dtype, state precision and step count, so a CUDA implementation
+    Subclasses name their state (:attr:`state_slots`, or :meth:`_state_slots` when it depends
+    on the group) and implement :meth:`_update_batch`, which receives every parameter of one
+    group that shares device, dtype, state precision and step count, so a CUDA implementation
     can update them in one kernel launch.
 
     Group options common to all optim8 optimizers: ``optim_bits`` (8 or 32),
-    ``min_8bit_size`` (tensors with fewer elements keep 32-bit state) and ``blocksize``
-    (elements per absmax block: 64, 128 or 256).
+    ``min_8bit_size`` (tensors with fewer elements keep 32-bit state), ``blocksize``
+    (elements per absmax block: 64, 128 or 256), ``embedding_bits`` (32: ``nn.Embedding``
+    weights keep 32-bit state, as transformers' Trainer arranges for bitsandbytes; None: they
+    follow ``optim_bits``), ``maximize``, and torch.optim's implementation keywords
+    ``foreach`` / ``fused`` (None or True), ``capturable`` / ``differentiable`` (False).
     """
 
-    def __init__(self, params, defaults: dict, *, optim_bits: int = 8, min_8bit_size: int = 4096, blocksize: int = 256):
-        defaults = dict(defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size, blocksize=blocksize)
+    state_slots: tuple[StateSlot, ...] = ()
+    # torch.optim's counterpart keeps no "step" in its state (torch.optim.SGD)
+    _step_optional = False
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        optim_bits: int = 8,
+        min_8bit_size: int = 4096,
+        blocksize: int = 256,
+        embedding_bits: int | None = 32,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        defaults = dict(
+            defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size, blocksize=blocksize,
+            embedding_bits=embedding_bits, maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+            differentiable=differentiable,
+        )
         self._check_group_options(defaults)
+        self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -142,6 +131,17 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"min_8bit_size must be an int >= 0, got {size!r}")
         if group["blocksize"] not in STATE_BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {STATE_BLOCKSIZES}, got {group['blocksize']!r}")
+        if group.get("embedding_bits", 32) not in (32, None):
+            raise ValueError(
+                f"embedding_bits must be 32 (nn.Embedding weights keep 32-bit state) or None (they follow "
+                f"optim_bits), got {group['embedding_bits']!r}; use optim8.set_optim_bits(emb, 8) for one embedding"
+            )
+        if not isinstance(group.get("maximize", False), bool):
+            raise ValueError(f"maximize must be True or False, got {group['maximize']!r}")
+        for key, (true, why) in _IMPLEMENTATION.items():
+            value = group.get(key)
+            if value is not None and value is not true:
+                raise ValueError(f"{key}={value!r} is not available: {why}. Pass {key}=None or {key}={true}")
 
     def add_param_group(self, param_group: dict) -> None:
         # All or nothing: a group refused here must not stay behind (torch appends it first).
@@ -166,26 +166,39 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
+    def _state_slots(self, group: dict) -> tuple[StateSlot, ...]:
+        """The state tensors of a parameter in ``group`` (``state_slots`` unless a subclass says otherwise)."""
+        return self.state_slots
+
+    def _initial_value(self, slot: StateSlot, group: dict) -> float:
+        """The value a new state tensor starts from (0; Adagrad: ``initial_accumulator_value``)."""
+        return 0.0
+
     def _wants_8bit(self, p: torch.Tensor, group: dict) -> bool:
         bits = optim_bits_override(p)
         if bits is not None:
             return bits == 8
-        return group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]
+        if group.get("embedding_bits", 32) == 32 and is_embedding_weight(p):
+            return False
+        return group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"] and bool(self._state_slots(group))
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         state["step"] = 0
         wants_8bit = self._wants_8bit(p, group)  # by the global size, so every rank decides alike
         p = local_tensor(p)  # a DTensor (FSDP2) parameter: state covers this rank's shard only
-        if wants_8bit:
-            nb = (p.numel() + group["blocksize"] - 1) // group["blocksize"]
-            state["exp_avg"] = torch.full(p.shape, zero_code(True), dtype=torch.uint8, device=p.device)
-            state["exp_avg_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.full(p.shape, zero_code(False), dtype=torch.uint8, device=p.device)
-            state["exp_avg_sq_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-        else:
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        for slot in self._state_slots(group):
+            value = self._initial_value(slot, group)
+            if not wants_8bit:
+                state[slot.name] = torch.full(p.shape, value, dtype=torch.float32, device=p.device)
+            elif value == 0:
+                nb = (p.numel() + group["blocksize"] - 1) // group["blocksize"]
+                state[slot.name] = torch.full(p.shape, zero_code(slot.signed), dtype=torch.uint8, device=p.device)
+                state[slot.absmax] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+            else:
+                full = torch.full(p.shape, value, dtype=torch.float32, device=p.device)
+                codes, absmax = quantize_blockwise(full, blocksize=group["blocksize"], signed=slot.signed)
+                state[slot.name], state[slot.absmax] = codes.contiguous(), absmax.contiguous()
         return state
 
     def state_bytes(self) -> int:
@@ -202,7 +215,13 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._optimizer_state_dict_post_hooks = hooks
         # DTensor (FSDP2) parameters: shard-shaped state as DTensors for torch.distributed.checkpoint
         state_dict = checkpoint_state_dict(self, state_dict)
-        state_dict["state"] = {index: _saved_names(state) for index, state in state_dict["state"].items()}
+        slots = {}
+        index = 0
+        for group in self.param_groups:
+            for _ in group["params"]:
+                slots[index] = self._state_slots(group)
+                index += 1
+        state_dict["state"] = {index: saved_names(state, slots[index]) for index, state in state_dict["state"].items()}
         for hook in hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -210,7 +229,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load optim8 or ``torch.optim.Adam(W)`` state, converted to this optimizer's layout (module docstring).
+        """Load optim8 or torch.optim state (the counterpart's), converted to this optimizer's layout (module docstring).
 
         Everything is checked before anything changes: on an error the optimizer is as before.
         """
@@ -260,12 +279,11 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _loaded_group(self, index: int, group: dict, saved: dict) -> dict:
         """A new group: ``saved``'s hyper-parameters, this optimizer's own layout options, ``group``'s params."""
-        for flag in ("amsgrad", "maximize"):
-            if saved.get(flag):
-                raise ValueError(
-                    f"loaded state dict's parameter group {index} has {flag}=True, which {type(self).__name__} "
-                    "does not implement; keep training it with torch.optim"
-                )
+        if saved.get("amsgrad"):
+            raise ValueError(
+                f"loaded state dict's parameter group {index} has amsgrad=True, which {type(self).__name__} "
+                "does not implement; keep training it with torch.optim"
+            )
         new = copy.deepcopy({k: v for k, v in saved.items() if k != "params" and k not in _TORCH_FLAGS})
         for key, value in group.items():
             if key in _OWN_OPTIONS or key not in new:
@@ -289,24 +307,28 @@ class Optimizer8bit(torch.optim.Optimizer):
         if blocksize not in STATE_BLOCKSIZES:
             raise ValueError(f"its group's blocksize is {blocksize!r}; optim8 writes one of {STATE_BLOCKSIZES}")
         saved = restore_state(p, saved, blocksize=blocksize)  # DTensor state (FSDP2) -> this rank's shard
-        step, moments, state8 = _parse_state(saved, tuple(local.shape), blocksize, sharded=is_dtensor(p))
+        slots = self._state_slots(group)
+        step, values, state8 = parse_state(
+            saved, slots, tuple(local.shape), blocksize, sharded=is_dtensor(p), step_optional=self._step_optional
+        )
         device = local.device
         new = {"step": step}
         if self._wants_8bit(p, group):
-            if state8 and moments["exp_avg"][1].dim() == 1 and blocksize == group["blocksize"]:
+            if state8 and all(values[s.name][1].dim() == 1 for s in slots) and blocksize == group["blocksize"]:
                 # this optimizer's own layout: the bytes as saved (bit-exact resume)
-                for name, (codes, absmax) in moments.items():
-                    new[name] = _copy_to(codes, device)
-                    new[_ABSMAX_NAMES[name]] = _copy_to(absmax, device)
+                for slot in slots:
+                    codes, absmax = values[slot.name]
+                    new[slot.name] = copy_to(codes, device)
+                    new[slot.absmax] = copy_to(absmax, device)
             else:
-                for name in _MOMENTS:
-                    values = _moment_values(moments[name], name, blocksize, state8, device)
-                    codes, absmax = quantize_blockwise(values, blocksize=group["blocksize"], signed=name == "exp_avg")
-                    new[name] = codes.contiguous()
-                    new[_ABSMAX_NAMES[name]] = absmax.contiguous()
+                for slot in slots:
+                    fp = slot_values(values[slot.name], slot, blocksize, state8, device)
+                    codes, absmax = quantize_blockwise(fp, blocksize=group["blocksize"], signed=slot.signed)
+                    new[slot.name] = codes.contiguous()
+                    new[slot.absmax] = absmax.contiguous()
         else:
-            for name in _MOMENTS:
-                new[name] = _moment_values(moments[name], name, blocksize, state8, device)
+            for slot in slots:
+                new[slot.name] = slot_values(values[slot.name], slot, blocksize, state8, device)
         return new
 
     # ------------------------------------------------------------------ step
@@ -340,7 +362,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     if not state:
                         state = self._init_state(p, group)
                         created.append(p)
-                    key = (p.device, p.dtype, "exp_avg_absmax" in state, state["step"] + 1)
+                    key = (p.device, p.dtype, is_state8(state), state["step"] + 1)
                     batches.setdefault(key, []).append((local_tensor(p), local_tensor(p.grad), state))
                 for (device, _, state8, step), batch in batches.items():
                     if device.type != "meta":  # meta tensors hold no values: only the count advances, as in torch
@@ -377,149 +399,68 @@ class Optimizer8bit(torch.optim.Optimizer):
 # ---------------------------------------------------------------------- state-dict formats
 
 
-def _saved_names(state: dict) -> dict:
-    """``state`` as saved: 8-bit codes under their own names (torch must never read them as moments)."""
-    if "exp_avg_absmax" not in state:
-        return state
-    return {_CODE_NAMES.get(key, key): value for key, value in state.items()}
-
-
-def _parse_step(step) -> int:
-    if isinstance(step, torch.Tensor):  # torch.optim.Adam(W) keeps it as a float tensor
-        if step.numel() != 1 or step.is_meta:
-            raise ValueError(f"'step' must be a number, got a tensor of shape {tuple(step.shape)} on {step.device}")
-        value = step.item()
-    elif isinstance(step, (int, float)) and not isinstance(step, bool):
-        value = step
-    else:
-        raise TypeError(f"'step' must be an integer, got {type(step).__name__}")
-    if not (math.isfinite(value) and value == int(value) and value >= 0):
-        raise ValueError(f"'step' must be an integer >= 0 (the number of steps taken), got {value!r}")
-    return int(value)
-
-
-def _check_tensor(t, key: str, dtypes: tuple, shape: tuple | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"'{key}' must be a tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"'{key}' must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(
-            f"'{key}' of shape {tuple(t.shape)} does not match the parameter of shape {shape}; was the state dict "
-            "saved for another model?"
-        )
-
-
-def _check_values(t: torch.Tensor, key: str, *, nonnegative: bool) -> None:
-    if t.is_meta or not t.numel():
-        return
-    bad = ~torch.isfinite(t)
-    if nonnegative:
-        bad |= t < 0
-    if bool(bad.any()):
-        what = "finite and >= 0" if nonnegative else "finite"
-        raise ValueError(f"'{key}' holds {int(bad.sum())} values that are not {what}: the checkpoint is damaged")
-
-
-def _parse_state(saved: dict, shape: tuple, blocksize: int, *, sharded: bool) -> tuple[int, dict, bool]:
-    """``(step, moments, state8)`` of one parameter's saved state, every entry checked.
-
-    ``moments[name]`` is ``(codes, absmax)`` for 8-bit state, else the moment tensor.
-    """
-    keys = set(saved)
-    names8 = {"step"} | set(_CODE_NAMES.values()) | set(_ABSMAX_NAMES.values())
-    names8_old = {"step"} | set(_MOMENTS) | set(_ABSMAX_NAMES.values())  # optim8 0.1: codes under the moment names
-    names32 = {"step"} | set(_MOMENTS)
-    if keys == names8 or keys == names8_old:
-        state8 = True
-    elif keys == names32:
-        state8 = False
-    else:
-        raise ValueError(
-            f"has the entries {sorted(keys)}; optim8 reads {sorted(names8)} (8-bit state) or {sorted(names32)} "
-            "(32-bit state, also torch.optim.Adam/AdamW's)"
-        )
-    step = _parse_step(saved["step"])
-    moments = {}
-    for name in _MOMENTS:
-        if not state8:
-            t = saved[name]
-            _check_tensor(t, name, (torch.float32, torch.float16, torch.bfloat16, torch.float64), shape)
-            _check_values(t, name, nonnegative=name == "exp_avg_sq")
-            moments[name] = t
-            continue
-        code_key = _CODE_NAMES[name] if keys == names8 else name
-        codes, absmax = saved[code_key], saved[_ABSMAX_NAMES[name]]
-        _check_tensor(codes, code_key, (torch.uint8,), shape)
-        _check_tensor(absmax, _ABSMAX_NAMES[name], (torch.float32,), None)
-        blocks = (math.prod(shape) + blocksize - 1) // blocksize
-        if absmax.dim() != 1 and sharded:
-            raise ValueError(f"'{_ABSMAX_NAMES[name]}' has shape {tuple(absmax.shape)}; this rank's shard needs {blocks} blocks")
-        if absmax.dim() == 1 and absmax.numel() != blocks:
-            raise ValueError(
-                f"'{_ABSMAX_NAMES[name]}' has {absmax.numel()} entries; {math.prod(shape)} elements in blocks of "
-                f"{blocksize} need {blocks} (was it saved with another blocksize?)"
-            )
-        _check_values(absmax, _ABSMAX_NAMES[name], nonnegative=name == "exp_avg_sq")  # exp_avg_absmax is signed
-        moments[name] = (codes, absmax)
-    return step, moments, state8
-
-
-def _copy_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # a copy (never aliased with the caller's dict), contiguous: the CUDA kernel reads state as flat arrays
-    return t.to(device=device, memory_format=torch.contiguous_format, copy=True)
-
-
-def _moment_values(moment, name: str, blocksize: int, state8: bool, device: torch.device) -> torch.Tensor:
-    """A saved moment as a new fp32 tensor on ``device`` (8-bit state dequantized)."""
-    if not state8:
-        return moment.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
-    codes, absmax = (t.to(device) for t in moment)
-    signed = name == "exp_avg"
-    if absmax.dim() == 1:
-        return dequantize_blockwise(codes, absmax, blocksize=blocksize, signed=signed).contiguous()
-    # the gathered (full_state_dict) state of an FSDP2 run: one absmax row per shard
-    return gathered_shard_values(codes, absmax, blocksize=blocksize, signed=signed)
-
-
-_TORCH_GROUP_DEFAULTS = {
-    "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None,
+_TORCH_GROUP_DEFAULTS = {"maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None}
+# the signed-ness of every state name optim8's optimizers use (a state dict names its slots)
+_SLOT_SIGNED = {
+    "exp_avg": True, "exp_avg_sq": False, "exp_avg_slow": True, "momentum_buffer": True, "sum": False, "square_avg": False,
 }
 
 
-def to_torch_state_dict(source, *, decoupled_weight_decay: bool | None = None) -> dict:
-    """An optim8 optimizer's state (the optimizer or its ``state_dict()``) in ``torch.optim.Adam``/``AdamW``'s format.
+def _slots_of(saved: dict) -> tuple[StateSlot, ...]:
+    names = []
+    for key in saved:
+        if key == "step":
+            continue
+        name = key.removesuffix("_codes").removesuffix("_absmax")
+        if name not in _SLOT_SIGNED:
+            raise ValueError(f"optimizer state entry {key!r} is none of optim8's ({sorted(_SLOT_SIGNED)})")
+        if name not in names:
+            names.append(name)
+    return tuple(StateSlot(n, _SLOT_SIGNED[n]) for n in names)
 
-    8-bit moments are dequantized to fp32 (``map[code] * absmax``, what the next optim8 step
-    would read), 32-bit moments copied, ``step`` becomes torch's float32 tensor; the groups
-    lose ``optim_bits``, ``min_8bit_size`` and ``blocksize`` and get torch's flags. The gathered
-    ``full_state_dict`` of an FSDP2 run converts too. Example::
+
+def to_torch_state_dict(source, *, decoupled_weight_decay: bool | None = None) -> dict:
+    """An optim8 optimizer's state (the optimizer or its ``state_dict()``) in torch.optim's format.
+
+    For Adam/AdamW (``torch.optim.Adam``/``AdamW``), SGD, RMSprop and Adagrad (their torch
+    namesakes: the state names are torch's). 8-bit state is dequantized to fp32
+    (``map[code] * absmax``, what the next optim8 step would read), 32-bit state copied, ``step``
+    becomes torch's float32 tensor (SGD keeps none); the groups lose optim8's own options and get
+    torch's flags. The gathered ``full_state_dict`` of an FSDP2 run converts too. Example::
 
         torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         torch_opt.load_state_dict(optim8.to_torch_state_dict(opt))
 
-    ``decoupled_weight_decay`` is taken from the optimizer (True for the AdamW classes); for a
-    state dict pass it (True: AdamW): torch's loader would otherwise set a missing flag to False
-    and train an AdamW state as Adam with an L2 penalty.
+    Adam state: ``decoupled_weight_decay`` is taken from the optimizer (True for the AdamW
+    classes); for a state dict pass it (True: AdamW): torch's loader would otherwise set a missing
+    flag to False and train an AdamW state as Adam with an L2 penalty. Lion and AdEMAMix have no
+    torch counterpart (TypeError).
     """
+    drop_step = False
     if isinstance(source, Optimizer8bit):
+        if getattr(source, "torch_counterpart", None) is None:
+            raise TypeError(f"{type(source).__name__} has no torch.optim counterpart to convert its state to")
         if decoupled_weight_decay is None:
             decoupled_weight_decay = getattr(source, "decoupled_weight_decay", None)
+        drop_step = source._step_optional
         source = source.state_dict()
     if not isinstance(source, dict) or not {"state", "param_groups"} <= source.keys():
         raise TypeError("to_torch_state_dict takes an optim8 optimizer or its state_dict()")
+    adam = any("exp_avg_sq" in k for saved in source["state"].values() for k in saved)
     blocksize_of, groups = {}, []
     for group in source["param_groups"]:
         new = {k: copy.deepcopy(v) for k, v in group.items() if k not in _OWN_OPTIONS}
         for key, value in _TORCH_GROUP_DEFAULTS.items():
             new.setdefault(key, value)
-        if decoupled_weight_decay is not None:
-            new["decoupled_weight_decay"] = bool(decoupled_weight_decay)
-        elif "decoupled_weight_decay" not in new:
-            raise TypeError(
-                "to_torch_state_dict of a state dict needs decoupled_weight_decay= (True for AdamW8bit/AdamW32bit "
-                "state, False for Adam8bit/Adam32bit)"
-            )
+        if adam:
+            new.setdefault("amsgrad", False)
+            if decoupled_weight_decay is not None:
+                new["decoupled_weight_decay"] = bool(decoupled_weight_decay)
+            elif "decoupled_weight_decay" not in new:
+                raise TypeError(
+                    "to_torch_state_dict of a state dict needs decoupled_weight_decay= (True for AdamW8bit/AdamW32bit "
+                    "state, False for Adam8bit/Adam32bit)"
+                )
         groups.append(new)
         for pid in group["params"]:
             blocksize_of[pid] = group.get("blocksize", 256)
@@ -530,14 +471,15 @@ def to_torch_state_dict(source, *, decoupled_weight_decay: bool | None = None) -
                 "to_torch_state_dict got DTensor (sharded) state: gather it first with "
                 "get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))"
             )
-        codes = next((t for k, t in saved.items() if k != "step" and isinstance(t, torch.Tensor)), None)
-        shape = tuple(codes.shape) if codes is not None else ()
+        first = next((t for k, t in saved.items() if k != "step" and isinstance(t, torch.Tensor)), None)
+        shape = tuple(first.shape) if first is not None else ()
         try:
-            step, moments, state8 = _parse_state(saved, shape, blocksize_of.get(pid, 256), sharded=False)
+            slots = _slots_of(saved)
+            step, values, state8 = parse_state(saved, slots, shape, blocksize_of.get(pid, 256), sharded=False)
         except (ValueError, TypeError) as error:
             raise type(error)(f"optimizer state of parameter {pid!r}: {error}") from None
-        new = {"step": torch.tensor(float(step), dtype=torch.float32)}
-        for name in _MOMENTS:
-            new[name] = _moment_values(moments[name], name, blocksize_of.get(pid, 256), state8, codes.device)
+        new = {} if drop_step else {"step": torch.tensor(float(step), dtype=torch.float32)}
+        for slot in slots:
+            new[slot.name] = slot_values(values[slot.name], slot, blocksize_of.get(pid, 256), state8, first.device)
         state[pid] = new
     return {"state": state, "param_groups": groups}

@@ -1,5 +1,7 @@
 """optim8.AdamW8bit inside transformers.Trainer, both ways Trainer accepts an optimizer (CPU)."""
 
+import math
+
 import pytest
 import torch
 
@@ -66,3 +68,27 @@ def test_trainer_optimizers_tuple(tmp_path):
     assert all(s["step"] == 12 for s in opt.state.values())
     ls = losses(trainer)
     assert ls[-1] < 0.8 * ls[0], ls
+
+
+FAMILY_LR = {
+    optim8.Lion8bit: 5e-4, optim8.SGD8bit: 5e-2, optim8.RMSprop8bit: 1e-3, optim8.Adagrad8bit: 2e-2,
+    optim8.AdEMAMix8bit: 5e-3,
+}
+
+
+@pytest.mark.parametrize("cls", list(FAMILY_LR), ids=lambda c: c.__name__)
+def test_trainer_with_each_optimizer(tmp_path, cls):
+    """Trainer builds each optimizer; nn.Embedding weights get 32-bit state with no extra code."""
+    model = tiny_llama()
+    trainer = transformers.Trainer(
+        model=model, args=args(tmp_path, 6), train_dataset=dataset(),
+        optimizer_cls_and_kwargs=(cls, {"lr": FAMILY_LR[cls], "min_8bit_size": 1024}),
+    )
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(opt, cls)
+    emb = model.get_input_embeddings().weight
+    assert emb.numel() >= 1024 and not any(k.endswith("_absmax") for k in opt.state[emb])
+    assert any(k.endswith("_absmax") for s in opt.state.values() for k in s)
+    ls = losses(trainer)
+    assert all(math.isfinite(x) for x in ls) and ls[-1] < ls[0], ls
