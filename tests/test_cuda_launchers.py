@@ -149,3 +149,30 @@ def test_4bit_launches(launches, monkeypatch, dtype, double_quant, m, k, n):
         assert launches.kernels[0].endswith(f",{dq}>")
     assert all(kn.endswith(f",{dq}>") for kn in launches.kernels)
     assert f"dequantize_4bit<{nf4._CTYPE[dtype]},{dq}>" in launches.kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("state8", [True, False])
+def test_update_rule_launches(launches, monkeypatch, dtype, state8):
+    from optim8.kernels import update
+
+    monkeypatch.setattr(_launch, "sm_count", lambda device: 132)
+    monkeypatch.setattr(_launch, "ctas_per_sm", lambda fn, block, device: 4)
+    monkeypatch.setattr(_launch, "upload", lambda host, device: host.clone())
+    monkeypatch.setattr(_launch, "record_stream", lambda t, device: None)
+    monkeypatch.setattr(update, "_tables", {})
+    monkeypatch.setattr(update, "_uploaded", {})
+    for rule in update.RULES:
+        if state8 and not rule.slots:
+            continue
+        ps = [torch.randn(n).to(dtype) for n in (1, 4097, 300)]
+        gs = [torch.randn_like(p) for p in ps]
+        if state8:
+            st = [[torch.zeros(p.shape, dtype=torch.uint8) for _ in rule.slots] for p in ps]
+            am = [[torch.zeros(blockwise.num_blocks(p.numel(), 128)) for _ in rule.slots] for p in ps]
+        else:
+            st, am = [[torch.zeros(p.shape) for _ in rule.slots] for p in ps], None
+        scalars = {name: 0.5 for name in rule.scalars}
+        update._step_cuda(rule, ps, gs, st, am, scalars, 128)
+        bs = 128 if state8 else 256
+        assert launches.kernels[-1] == f"update_multi<{update._CTYPE[dtype]},{str(state8).lower()},{bs},{rule.kernel}>"
