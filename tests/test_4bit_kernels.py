@@ -112,6 +112,25 @@ def test_non_finite_weights_are_refused():
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_ranges_with_any_map_equal_the_definition(double_quant):
+    # The decoder gathers both nibbles of a byte at once from a table built from the map it is
+    # given: a foreign map (a checkpoint's own values) must decode as map[c] * absmax, for any
+    # [start, start + count) and for packed codes that start at an odd byte offset of their storage.
+    w = torch.randn(19, 203)
+    packed, state = nf4.quantize_4bit(w, blocksize=32, double_quant=double_quant)
+    state.quant_map = torch.randn(16)
+    n = w.numel()
+    full = state.quant_map[unpack(packed, n)] * nf4.dequantize_absmax(state).repeat_interleave(32)[:n]
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), packed.reshape(-1)])[1:]
+    assert shifted.storage_offset() == 1
+    for start, count in [(0, n), (1, 1), (31, 2), (33, 1000), (n - 1, 1), (n - 77, 77)]:
+        for codes in (packed, shifted):
+            got = nf4.dequantize_4bit_reference(codes, *state.op_args(), start, count, torch.float32)
+            assert torch.equal(got, full[start : start + count]), (start, count)
+    assert torch.equal(nf4.dequantize_4bit(packed, state, dtype=torch.float64), full.double().view(19, 203))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
 def test_linear_reference_is_x_at_dequantized_weight(m, double_quant):
     w, bias = torch.randn(77, 130), torch.randn(77)
