@@ -13,6 +13,11 @@ for fp32, 10 B/param for bf16, plus the absmax) divided by the bandwidth of a la
 device-to-device copy measured in the same run. Times are CUDA-event medians of whole
 ``step()`` calls; "host ms" is the CPU time of one ``step()`` call (launch overhead).
 
+The rest of optim8's family (Lion, SGD with momentum, RMSprop, Adagrad, AdEMAMix: 8-bit state,
+one ``update_multi`` launch each) gets a row each, beside torch's counterpart where torch has one
+(``foreach=True``), for the first dtype only, with its own floor in the note (8-bit state: 2 B/param per state tensor
+read and written, plus absmax). ``--family none`` skips them.
+
 Headlines (``SUMMARY`` lines), per dtype: optim8 AdamW8bit against the floor (bar, issue 12:
 <= 1.25x) and against torch's fused AdamW (bar: < 1.0x). ``--dry-run``: a 2-layer, hidden-64
 parameter set on the CPU with the host device running the kernels (``_common.py``).
@@ -82,10 +87,24 @@ def bench(name, make_opt, shapes, dtype):
     return (name, ms, hms, sb, "")
 
 
+# (row name, constructor, 8-bit state tensors per parameter: 0 for torch's optimizers)
+FAMILY = [
+    ("optim8 Lion8bit", lambda ps: optim8.Lion8bit(ps, lr=1e-4, weight_decay=0.01), 1),
+    ("optim8 SGD8bit (momentum 0.9)", lambda ps: optim8.SGD8bit(ps, lr=1e-3, momentum=0.9), 1),
+    ("torch SGD (momentum 0.9, foreach=True)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True), 0),
+    ("optim8 RMSprop8bit", lambda ps: optim8.RMSprop8bit(ps, lr=1e-4), 1),
+    ("torch RMSprop (foreach=True)", lambda ps: torch.optim.RMSprop(ps, lr=1e-4, foreach=True), 0),
+    ("optim8 Adagrad8bit", lambda ps: optim8.Adagrad8bit(ps, lr=1e-3), 1),
+    ("torch Adagrad (foreach=True)", lambda ps: torch.optim.Adagrad(ps, lr=1e-3, foreach=True), 0),
+    ("optim8 AdEMAMix8bit", lambda ps: optim8.AdEMAMix8bit(ps, lr=1e-4), 3),
+]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="default: benchmarks/results/optim.md")
+    ap.add_argument("--family", choices=("all", "none"), default="all", help="rows for Lion/SGD/RMSprop/Adagrad/AdEMAMix")
     C.add_dry_run_argument(ap)
     args = ap.parse_args()
     with C.session(args.dry_run):
@@ -124,6 +143,12 @@ def run(args):
         rows.append(bench("optim8 AdamW32bit (same kernel, fp32 state)", lambda ps: optim8.AdamW32bit(ps, **hp), shapes, dtype))
         if bnb is not None:
             rows.append(bench(f"bitsandbytes {bnb.__version__} AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, **hp), shapes, dtype))
+        family = []
+        if args.family == "all" and dtype_name == args.dtypes[0]:  # once: the GPU session caps this script at 60 s
+            for name, make, states in FAMILY:
+                ms_row = bench(name, make, shapes, dtype)
+                own_floor = (n * (3 * esize + 2 * states) + 2 * 4 * states * sum((torch.Size(s).numel() + 255) // 256 for s in shapes)) / copy_gbs / 1e6
+                family.append(ms_row[:4] + ((ms_row[4] or f"own floor {own_floor:.2f} ms: {ms_row[1] / own_floor:.2f}x") if states else ms_row[4],))
         lines += [
             f"## {dtype_name} parameters and gradients",
             "",
@@ -133,7 +158,7 @@ def run(args):
             "| --- | --- | --- | --- | --- | --- |",
             f"| bandwidth floor (8-bit Adam) | {floor_ms:.2f} | 1.00 | | 2.03 | |",
         ]
-        for name, ms, hms, sb, note in rows:
+        for name, ms, hms, sb, note in rows + family:
             lines.append(f"| {name} | {ms:.2f} | {ms / floor_ms:.2f} | {hms:.2f} | {sb:.2f} | {note} |")
         if bnb is None:
             lines.append("| bitsandbytes AdamW8bit | | | | | not installed |")

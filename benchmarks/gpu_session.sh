@@ -70,7 +70,7 @@ step() {  # step NAME CAP_SECONDS command...
 
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE)
 python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
-KERNEL_TESTS=(tests/test_cuda_sources.py tests/test_blockwise.py tests/test_int8_kernels.py tests/test_optim_cuda.py $(ls tests/test_*4bit*kernel*.py 2>/dev/null))
+KERNEL_TESTS=(tests/test_cuda_sources.py tests/test_blockwise.py tests/test_int8_kernels.py tests/test_optim_cuda.py tests/test_update_cuda.py $(ls tests/test_*4bit*kernel*.py 2>/dev/null))
 HF_TESTS=(tests/test_hf_integration.py tests/test_peft_lora.py tests/test_trainer_resume.py)
 if ((DRY)); then  # a few cases of each file: proves the step, not the kernels (CI runs them all)
     KERNEL_SELECT=(-k "every_blocksize and 256 or one_step_bit_exact and 4097 or decode_gemv and kn3 or source_compiles")
