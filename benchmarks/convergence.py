@@ -6,7 +6,12 @@ Model: a pre-norm GPT (causal self-attention + GELU MLP, learned positions, tied
 embeddings). Both runs use the same seed, initial weights, batch order and hyper-parameters
 (AdamW, betas (0.9, 0.95), weight decay 0.1, linear warmup + cosine decay); the only
 difference is the optimizer: ``torch.optim.AdamW`` (fp32 state) against
-``optim8.AdamW8bit`` (8-bit state for every tensor >= 4096 elements, embeddings included).
+``optim8.AdamW8bit`` (8-bit state for every tensor >= 4096 elements; the embeddings too with
+``--embedding-bits none``, else they keep fp32 state, optim8's default).
+
+``--optimizer lion|sgd|rmsprop|adagrad|ademamix`` compares that optimizer's 32-bit and 8-bit
+classes instead (same seed, weights, batches; its own default lr unless ``--lr``), writing
+``convergence_<optimizer>.*``.
 
     python benchmarks/convergence.py            # CPU, ~15 min on 2 cores with the defaults
     python benchmarks/convergence.py --device cuda --steps 5000 --d-model 256 --layers 6
@@ -85,12 +90,32 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+# --optimizer -> (32-bit class, 8-bit class, default lr, extra hyper-parameters)
+OPTIMIZERS = {
+    "adamw": (torch.optim.AdamW, optim8.AdamW8bit, 3e-3, dict(betas=(0.9, 0.95), eps=1e-8)),
+    "lion": (optim8.Lion32bit, optim8.Lion8bit, 3e-4, dict(betas=(0.9, 0.99))),
+    "sgd": (optim8.SGD32bit, optim8.SGD8bit, 0.3, dict(momentum=0.9, nesterov=True)),
+    "rmsprop": (optim8.RMSprop32bit, optim8.RMSprop8bit, 1e-3, dict(alpha=0.99, eps=1e-8)),
+    "adagrad": (optim8.Adagrad32bit, optim8.Adagrad8bit, 3e-2, dict(eps=1e-10)),
+    "ademamix": (optim8.AdEMAMix32bit, optim8.AdEMAMix8bit, 3e-3, dict(betas=(0.9, 0.95, 0.999), alpha=5.0)),
+}
+
+
+def make_optimizer(name, args, groups):
+    cls32, cls8, lr, hp = OPTIMIZERS[args.optimizer]
+    hp = dict(hp, lr=args.lr if args.lr is not None else lr)
+    if args.optimizer == "ademamix":  # the paper's warm-ups over the run
+        hp.update(t_alpha=args.steps, t_beta3=args.steps)
+    if name.endswith("32"):
+        return cls32(groups, **hp)
+    return cls8(groups, embedding_bits=None if args.embedding_bits == "none" else 32, **hp)
+
+
 def train(name, args, data, device):
     torch.manual_seed(args.seed)
     model = GPT(vocab=256, d=args.d_model, layers=args.layers, heads=args.heads, context=args.context).to(device)
     groups = param_groups(model, args.weight_decay)
-    hp = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    opt = torch.optim.AdamW(groups, **hp) if name == "adamw32" else optim8.AdamW8bit(groups, **hp)
+    opt = make_optimizer(name, args, groups)
 
     def lr_at(step):
         if step < args.warmup:
@@ -153,7 +178,10 @@ def main():
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
+    ap.add_argument("--embedding-bits", choices=("32", "none"), default="32",
+                    help="8-bit runs: embeddings keep fp32 state (32, optim8's default) or follow optim_bits (none)")
+    ap.add_argument("--lr", type=float, default=None, help="default: per optimizer (AdamW 3e-3)")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -170,21 +198,27 @@ def main():
     split = int(0.9 * len(text))
     data = (text[:split], text[split:])
     runs = {}
-    for name in ("adamw32", "adamw8"):
+    o = args.optimizer
+    n32, n8 = f"{o}32", f"{o}8"
+    for name in (n32, n8):
         runs[name] = train(name, args, data, device)
+    cls32, cls8 = OPTIMIZERS[o][:2]
+    label32 = f"{cls32.__module__.split('.')[0]}.{cls32.__name__}"
+    label8 = f"optim8.{cls8.__name__}" + (" (embeddings 8-bit too)" if args.embedding_bits == "none" else "")
+    lr = args.lr if args.lr is not None else OPTIMIZERS[o][2]
 
-    final32 = runs["adamw32"][0]["eval_loss"][-1]
-    final8 = runs["adamw8"][0]["eval_loss"][-1]
+    final32 = runs[n32][0]["eval_loss"][-1]
+    final8 = runs[n8][0]["eval_loss"][-1]
     rel = (final8 - final32) / final32
     RESULTS.mkdir(exist_ok=True)
     tag = args.tag or ("cuda" if device.type == "cuda" else "")  # a GPU run keeps the CPU results
-    stem = "convergence" + (f"_{tag}" if tag else "")
+    stem = "convergence" + (f"_{o}" if o != "adamw" else "") + (f"_{tag}" if tag else "")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     record = {
         "config": vars(args),
         "device": where,
         "text_bytes": len(text),
-        "final_eval_loss": {"adamw32": final32, "adamw8": final8},
+        "final_eval_loss": {n32: final32, n8: final8},
         "relative_difference": rel,
         "runs": {k: {"curve": c, **info} for k, (c, info) in runs.items()},
     }
@@ -196,38 +230,38 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, label, color in (("adamw32", "torch.optim.AdamW (32-bit state)", "tab:blue"), ("adamw8", "optim8.AdamW8bit (8-bit state)", "tab:orange")):
+    for name, label, color in ((n32, f"{label32} (32-bit state)", "tab:blue"), (n8, f"{label8} (8-bit state)", "tab:orange")):
         curve = runs[name][0]
         ax.plot(curve["step"], curve["train_loss"], color=color, alpha=0.3, lw=0.8)
         ax.plot(curve["eval_step"], curve["eval_loss"], color=color, marker="o", lw=2, label=f"{label}: eval")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")
     ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
-    ax.set_title(f"byte-level GPT on CPython's pydoc topics ({runs['adamw32'][1]['params'] / 1e6:.2f}M params, {args.steps} steps)")
+    ax.set_title(f"byte-level GPT on CPython's pydoc topics ({runs[n32][1]['params'] / 1e6:.2f}M params, {args.steps} steps)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{stem}.png", dpi=120)
 
     lines = [
-        f"# Convergence: AdamW8bit vs 32-bit AdamW ({where})",
+        f"# Convergence: {label8} vs {label32} ({where})",
         "",
         f"Byte-level GPT ({args.layers} layers, d={args.d_model}, {args.heads} heads, context {args.context}, "
-        f"{runs['adamw32'][1]['params']:,} parameters) trained from scratch on CPython's pydoc topics "
+        f"{runs[n32][1]['params']:,} parameters) trained from scratch on CPython's pydoc topics "
         f"({len(text):,} bytes, last 10% held out): {args.steps} steps of {args.batch}x{args.context} bytes, "
-        f"lr {args.lr} (warmup {args.warmup}, cosine to 10%), betas (0.9, 0.95), weight decay {args.weight_decay} "
+        f"lr {lr} (warmup {args.warmup}, cosine to 10%), {OPTIMIZERS[o][3]}, weight decay {args.weight_decay} "
         f"on matrices, grad clip 1.0, seed {args.seed}. Same initial weights and batches for both.",
         "",
         "| optimizer | final eval loss | state bytes/param | wall s |",
         "| --- | --- | --- | --- |",
     ]
-    for name, label in (("adamw32", "torch.optim.AdamW"), ("adamw8", "optim8.AdamW8bit")):
+    for name, label in ((n32, label32), (n8, label8)):
         curve, info = runs[name]
         lines.append(f"| {label} | {curve['eval_loss'][-1]:.4f} | {info['state_bytes_per_param']:.3f} | {info['seconds']:.0f} |")
     lines += ["", f"Relative difference of the final eval loss (8-bit - 32-bit) / 32-bit: {rel * 100:+.2f}% (bar: within 1%).", "",
-              "Eval loss every {} steps:".format(args.eval_every), "", "| step | AdamW 32-bit | AdamW8bit |", "| --- | --- | --- |"]
-    for i, s in enumerate(runs["adamw32"][0]["eval_step"]):
-        lines.append(f"| {s} | {runs['adamw32'][0]['eval_loss'][i]:.4f} | {runs['adamw8'][0]['eval_loss'][i]:.4f} |")
+              "Eval loss every {} steps:".format(args.eval_every), "", f"| step | {label32} | {label8} |", "| --- | --- | --- |"]
+    for i, s in enumerate(runs[n32][0]["eval_step"]):
+        lines.append(f"| {s} | {runs[n32][0]['eval_loss'][i]:.4f} | {runs[n8][0]['eval_loss'][i]:.4f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

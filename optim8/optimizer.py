@@ -1,23 +1,26 @@
-"""The base class of optim8's optimizers and the per-parameter state-precision override.
+"""The base class of optim8's optimizers.
 
-State layout of one parameter ``p`` (what ``state_dict()`` saves):
+State layout of one parameter ``p`` (what ``state_dict()`` saves; :mod:`optim8.state` has the
+slots, the precision marks and the parsing): every optimizer names its state tensors (its
+``state_slots``: Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``, ...).
 
-* 8-bit: ``exp_avg`` / ``exp_avg_sq`` are uint8 codes shaped like ``p`` (signed / unsigned
-  dynamic map), ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` fp32 ``[ceil(numel / blocksize)]``
-  (``exp_avg_absmax`` is signed: each block's extreme first moment, see ``kernels/blockwise.py``):
-  ``2 + 8 / blocksize`` bytes per parameter (2.03 at the default 256).
-* 32-bit: ``exp_avg`` / ``exp_avg_sq`` fp32 shaped like ``p``, whatever ``p``'s dtype
+* 8-bit: ``state[name]`` are uint8 codes shaped like ``p`` (the signed dynamic map for a
+  momentum, the unsigned one for non-negative state), ``state[name + "_absmax"]`` fp32
+  ``[ceil(numel / blocksize)]`` (a signed slot's absmax is each block's signed extreme, see
+  ``kernels/blockwise.py``): ``1 + 4 / blocksize`` bytes per parameter per slot (Adam: 2.03 at 256).
+* 32-bit: ``state[name]`` fp32 shaped like ``p``, whatever ``p``'s dtype
   (bf16 moments would lose most of Adam's second-moment precision).
 * ``step``: a Python int (kept on the host, so ``step()`` never reads a device tensor).
 
 A parameter gets 32-bit state when its group (or :func:`set_optim_bits`) says
-``optim_bits=32`` or when it has fewer than ``min_8bit_size`` elements (norms and biases:
-tiny, and they gain nothing from 8 bits).
+``optim_bits=32``, when it has fewer than ``min_8bit_size`` elements (norms and biases:
+tiny, and they gain nothing from 8 bits), or when it is an ``nn.Embedding`` weight and the
+group's ``embedding_bits`` is 32 (the default; :func:`optim8.state.install_embedding_hook`).
 
 State dicts (``state_dict()`` / ``load_state_dict()``):
 
-* 8-bit state is saved under its own names, ``exp_avg_codes`` / ``exp_avg_sq_codes`` (uint8)
-  beside ``exp_avg_absmax`` / ``exp_avg_sq_absmax``, so ``torch.optim.AdamW.load_state_dict``
+* 8-bit state is saved under its own names, ``name + "_codes"`` (uint8; Adam: ``exp_avg_codes`` /
+  ``exp_avg_sq_codes``) beside the absmax, so ``torch.optim.AdamW.load_state_dict``
   can never take the codes for moments (its first step then fails with ``KeyError:
   'exp_avg'``). :func:`to_torch_state_dict` converts an optim8 state dict to torch's format.
   In memory (``opt.state[p]``) the codes keep the names ``exp_avg`` / ``exp_avg_sq``.
