@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import _launch
+from . import adam as _adam
 from .adam import STATE_BLOCKSIZES, _gpu_encode_table
 from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 from .quant_map import map_boundaries, map_on, zero_code
@@ -246,18 +247,27 @@ def rule_step(
         params, grads, states, absmax = pick(params, rest), pick(grads, rest), pick(states, rest), pick(absmax, rest)
     c = _host_scalars(values)
     for i, p in enumerate(params):
-        _step_reference(rule, p, grads[i], states[i], absmax[i] if absmax is not None else None, c, blocksize)
+        _step_reference(rule, p, grads[i], states[i], absmax[i] if absmax is not None else None, c, blocksize,
+                        fast=p.device.type == "cpu")
 
 
-def _step_reference(rule: Rule, p, g, st, am, c, blocksize: int) -> None:
-    """The reference step of one tensor, in place, in chunks of whole blocks (any device)."""
+def _step_reference(rule: Rule, p, g, st, am, c, blocksize: int, fast: bool = False) -> None:
+    """The reference step of one tensor, in place, in chunks of whole blocks (any device).
+
+    ``fast`` (CPU tensors): the 8-bit state goes through ``kernels/adam.py``'s table-driven
+    dequantizer and quantizer, bit for bit ``*_blockwise_reference`` and about 6x faster than
+    ``torch.bucketize`` (tests/test_optim_family.py checks the two against each other).
+    """
     pf, gf = p.view(-1) if p.is_contiguous() else p.reshape(-1), g.reshape(-1)
     sf = [s.view(-1) if s.is_contiguous() else s.reshape(-1) for s in st]
     n = pf.numel()
+    scratch = torch.empty(min(n, _CPU_CHUNK), dtype=torch.int64) if fast and am is not None else None
     for start in range(0, n, _CPU_CHUNK):
         end = min(start + _CPU_CHUNK, n)
         b0, b1 = start // blocksize, (end + blocksize - 1) // blocksize
-        if am is not None:
+        if am is not None and fast:
+            old = [_adam._dequantize(s[start:end], a[b0:b1], blocksize, sg, scratch) for s, a, sg in zip(sf, am, rule.slots)]
+        elif am is not None:
             old = [dequantize_blockwise_reference(s[start:end], a[b0:b1], blocksize, sg, torch.float32)
                    for s, a, sg in zip(sf, am, rule.slots)]
         else:
@@ -272,7 +282,9 @@ def _step_reference(rule: Rule, p, g, st, am, c, blocksize: int) -> None:
             p1 = torch.where(ok, p1, p0)
             new = [torch.where(ok, t, o) for t, o in zip(new, old)]
         for k, t in enumerate(new):
-            if am is not None:
+            if am is not None and fast:
+                _adam._quantize_into(t.contiguous(), sf[k][start:end], am[k][b0:b1], blocksize, rule.slots[k], scratch)
+            elif am is not None:
                 codes, absmax = quantize_blockwise_reference(t, blocksize, rule.slots[k])
                 sf[k][start:end].copy_(codes)
                 am[k][b0:b1].copy_(absmax)

@@ -307,3 +307,30 @@ def test_no_circular_import_between_optimizer_and_distributed():
     assert "distributed" in imports("optimizer")
     assert not {"optimizer", "adam", "optimizers"} & imports("distributed")
     assert not {"optimizer", "distributed"} & imports("state")
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_fast_cpu_state_path_equals_reference(blocksize):
+    """The table-driven CPU (de)quantizer gives the reference's bits for every rule."""
+    from optim8.kernels import update
+
+    for rule in update.RULES:
+        if not rule.slots:
+            continue
+        c = update._host_scalars({k: 0.9 if k.startswith("beta") or k == "alpha" else 0.05 for k in rule.scalars})
+        out = []
+        for fast in (False, True):
+            g0 = torch.Generator().manual_seed(7)
+            p = torch.randn(4099, generator=g0)
+            g = torch.randn(4099, generator=g0) * torch.exp(torch.randn(4099, generator=g0))
+            st, am = [], []
+            for signed in rule.slots:
+                x = torch.randn(4099, generator=g0)
+                codes, absmax = optim8.kernels.quantize_blockwise(x if signed else x.abs(), blocksize=blocksize, signed=signed)
+                st.append(codes)
+                am.append(absmax)
+            for _ in range(3):
+                update._step_reference(rule, p, g, st, am, c, blocksize, fast=fast)
+            out.append([p, *st, *am])
+        for a, b in zip(*out):
+            assert torch.equal(a, b), rule.kernel
