@@ -38,7 +38,7 @@ from .adam import STATE_BLOCKSIZES, _gpu_encode_table
 from .blockwise import dequantize_blockwise_reference, quantize_blockwise_reference
 from .quant_map import map_boundaries, map_on, zero_code
 
-__all__ = ["Rule", "RULES", "rule_step", "rule_scalars", "LION", "SGD", "SGD_PLAIN", "RMSPROP", "ADAGRAD", "ADEMAMIX"]
+__all__ = ["Rule", "RULES", "rule_step", "rule_scalars", "LION", "SGD", "SGD_PLAIN", "RMSPROP", "RMSPROP_MOMENTUM", "ADAGRAD", "ADEMAMIX"]
 
 _CTYPE = {torch.float32: "float", torch.float16: "f16", torch.bfloat16: "bf16"}
 _CHUNK = 256  # elements per warp iteration of update_multi: 32 lanes x 8
@@ -116,6 +116,19 @@ def _rmsprop(p, g, s, c):
     return p1, [sq1]
 
 
+def _rmsprop_momentum(p, g, s, c):
+    sq, buf = s
+    g = _weight_decayed(p, g, c)
+    sq1 = sq * c.alpha
+    sq1 += (g * g) * c.one_minus_alpha
+    avg = _sqrt(sq1)
+    avg += c.eps
+    b1 = buf * c.momentum  # torch: buf = momentum * buf + g / avg; p -= lr * buf
+    b1 += g / avg
+    p1 = p - b1 * c.lr
+    return p1, [sq1, b1]
+
+
 def _adagrad(p, g, s, c):
     (acc,) = s
     g = _weight_decayed(p, g, c)
@@ -151,6 +164,10 @@ LION = Rule("Lion", "lion.cu", (True,), ("gsign", "beta1", "one_minus_beta1", "b
 SGD = Rule("SGDMomentum", "sgd.cu", (True,), ("gsign", "weight_decay", "momentum", "dampened", "nesterov_g", "nesterov_b", "lr"), _sgd)
 SGD_PLAIN = Rule("SGDPlain", "sgd.cu", (), ("gsign", "weight_decay", "lr"), _sgd_plain)
 RMSPROP = Rule("RMSprop", "rmsprop.cu", (False,), ("gsign", "weight_decay", "alpha", "one_minus_alpha", "eps", "lr"), _rmsprop)
+RMSPROP_MOMENTUM = Rule(
+    "RMSpropMomentum", "rmsprop.cu", (False, True), ("gsign", "weight_decay", "alpha", "one_minus_alpha", "eps", "momentum", "lr"),
+    _rmsprop_momentum,
+)
 ADAGRAD = Rule("Adagrad", "adagrad.cu", (False,), ("gsign", "weight_decay", "eps", "clr"), _adagrad)
 ADEMAMIX = Rule(
     "AdEMAMix", "ademamix.cu", (True, True, False),
@@ -158,7 +175,7 @@ ADEMAMIX = Rule(
      "inv_bc2_sqrt", "eps", "lr", "decay"),
     _ademamix,
 )
-RULES = (LION, SGD, SGD_PLAIN, RMSPROP, ADAGRAD, ADEMAMIX)
+RULES = (LION, SGD, SGD_PLAIN, RMSPROP, RMSPROP_MOMENTUM, ADAGRAD, ADEMAMIX)
 
 
 def _expressions(rules) -> tuple[str, ...]:

@@ -18,9 +18,14 @@ Per element (``g`` the gradient, negated first with ``maximize=True``; ``t`` the
       g = g + wd * p;  buf = momentum * buf + (1 - dampening) * g   (t = 1: buf = g)
       d = g + momentum * buf if nesterov else buf;  p = p - lr * d
 
-* RMSprop (``torch.optim.RMSprop``, ``centered=False``, ``momentum=0``)::
+* RMSprop (``torch.optim.RMSprop``, ``centered=False``)::
 
       g = g + wd * p;  sq = alpha * sq + (1 - alpha) * g * g;  p = p - lr * g / (sqrt(sq) + eps)
+      momentum > 0:    buf = momentum * buf + g / (sqrt(sq) + eps);  p = p - lr * buf
+
+  ``centered=True`` is refused: its variance ``sq - grad_avg**2`` is the difference of two
+  separately quantized 8-bit states, which cancels to zero or below wherever the gradient is
+  steady (a denominator of ``eps``, or a NaN), so optim8 does not offer it.
 
 * Adagrad (``torch.optim.Adagrad``)::
 
@@ -331,14 +336,15 @@ class RMSprop8bit(RuleOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr, alpha, eps, weight_decay, maximize: as in ``torch.optim.RMSprop``.
-        momentum, centered: must be 0 and False (not implemented; torch.optim.RMSprop has them).
+        lr, alpha, eps, weight_decay, momentum, maximize: as in ``torch.optim.RMSprop``
+            (``momentum > 0`` adds an 8-bit ``momentum_buffer``).
+        centered: must be False (see the module docstring; torch.optim.RMSprop has it).
         optim_bits, min_8bit_size, blocksize, embedding_bits, foreach, fused, capturable,
         differentiable: as for :class:`Lion8bit`.
     """
 
     rule = _update.RMSPROP
-    slot_names = ("square_avg",)
+    slot_names = ("square_avg", "momentum_buffer")
     torch_counterpart = torch.optim.RMSprop
 
     def __init__(
@@ -373,15 +379,23 @@ class RMSprop8bit(RuleOptimizer):
         _check_range("alpha value", group["alpha"], 0.0, 1.0)
         _check_range("epsilon value", group["eps"], 0.0, math.inf, hi_open=True)
         _check_range("weight_decay value", group["weight_decay"], 0.0, math.inf, hi_open=True)
-        if group["momentum"] != 0 or group["centered"]:
+        _check_range("momentum value", group["momentum"], 0.0, math.inf, hi_open=True)
+        if group["centered"]:
             raise ValueError(
-                f"{type(self).__name__} implements RMSprop with momentum=0 and centered=False (got momentum="
-                f"{group['momentum']!r}, centered={group['centered']!r}); use torch.optim.RMSprop for those"
+                f"{type(self).__name__} implements RMSprop with centered=False: the centered variance, the difference "
+                "of two quantized states, cancels to zero or below wherever gradients are steady; use "
+                "torch.optim.RMSprop(centered=True)"
             )
+
+    def _rule(self, group):
+        return _update.RMSPROP_MOMENTUM if group["momentum"] != 0 else _update.RMSPROP
 
     def _scalars(self, group, step, lr):
         alpha = group["alpha"]
-        return dict(weight_decay=group["weight_decay"], alpha=alpha, one_minus_alpha=1.0 - alpha, eps=group["eps"], lr=lr)
+        out = dict(weight_decay=group["weight_decay"], alpha=alpha, one_minus_alpha=1.0 - alpha, eps=group["eps"], lr=lr)
+        if group["momentum"] != 0:
+            out["momentum"] = group["momentum"]
+        return out
 
 
 class RMSprop32bit(RMSprop8bit):

@@ -21,6 +21,7 @@ RULES = {
     "sgd": (optim8.SGD8bit, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
     "sgd_nesterov": (optim8.SGD8bit, dict(lr=1e-2, momentum=0.9, nesterov=True, maximize=True)),
     "rmsprop": (optim8.RMSprop8bit, dict(lr=1e-3, alpha=0.9, eps=1e-6, weight_decay=1e-2)),
+    "rmsprop_momentum": (optim8.RMSprop8bit, dict(lr=1e-3, momentum=0.9, weight_decay=1e-2)),
     "adagrad": (optim8.Adagrad8bit, dict(lr=1e-2, lr_decay=1e-2, initial_accumulator_value=0.1, eps=1e-8)),
     "ademamix": (optim8.AdEMAMix8bit, dict(lr=1e-3, betas=(0.9, 0.999, 0.999), t_alpha=3, t_beta3=3)),
 }
