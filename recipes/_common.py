@@ -237,14 +237,60 @@ def resolve_model(name: str | None) -> tuple[str, str]:
         raise RecipeError(f"--model {name}: no such file or directory")
     from transformers import AutoConfig
 
+    offline = hub_offline()
+    if not offline and not in_hub_cache(name) and not hub_reachable():
+        # Without this, huggingface_hub retries the connection for about half a minute first.
+        raise RecipeError(
+            f"cannot load model {name!r}: it is not a local path, not in the Hugging Face cache, and "
+            f"{hub_host()} cannot be reached (no network?). Pass a local model directory, or run where the Hub is reachable")
     try:
         AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         why = "HF_HUB_OFFLINE is set, so only models already in the Hugging Face cache can load" if offline else (
             "it is not a local path, and the Hugging Face Hub did not provide it (unknown id, gated or private model, or no network)")
         raise RecipeError(f"cannot load model {name!r}: {why}. Details: {str(error).splitlines()[0]}") from None
     return name, name
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE set: nothing is fetched, only the cache is read."""
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether a model's config.json is already in the Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id that is not a valid repo name
+        return False
+
+
+_reachable: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the Hub's host (port 443), at most ``timeout`` seconds; remembered."""
+    import socket
+
+    host = hub_host()
+    if host not in _reachable:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _reachable[host] = True
+        except OSError:
+            _reachable[host] = False
+    return _reachable[host]
 
 
 def require(module: str, purpose: str) -> None:
@@ -289,6 +335,10 @@ def load_text(args: argparse.Namespace):
         elif args.data.startswith((".", "/", "~")) or path.suffix.lower() in DATA_SUFFIXES:
             raise RecipeError(f"--data {args.data}: no such file or directory")
         else:
+            if not hub_offline() and not hub_reachable():
+                raise RecipeError(
+                    f"--data {args.data}: not a local file or directory, and {hub_host()} cannot be reached (no network?). "
+                    "Pass a local file, or set HF_HUB_OFFLINE=1 to use a dataset already in the Hugging Face cache")
             dataset = datasets.load_dataset(args.data, args.data_config, split=args.split)
             description = f"{args.data} ({args.split})"
     except RecipeError:
@@ -475,7 +525,9 @@ def plot_losses(record: RunRecord, log_history: list[dict], path: Path) -> None:
         # A few blocks per step make the per-step loss noisy; the running mean shows the trend.
         means = [sum(losses[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
         ax.plot(steps, means, linewidth=2, color="tab:blue", label=f"train loss, running mean of {window}")
-    ax.plot([0, record.steps], [record.eval_loss_before, record.eval_loss_after], "s--", color="tab:red", label="eval loss (before / after)")
+    # Two measurements only (before and after training): markers without a line, which would read as a curve.
+    ax.plot([0, record.steps], [record.eval_loss_before, record.eval_loss_after], "s", linestyle="none", markersize=7,
+            color="tab:red", label="eval loss (before and after training)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(textwrap.fill(f"{record.recipe}: {record.optimizer} on {record.device}", 90), fontsize=8)
@@ -516,10 +568,51 @@ def finish(record: RunRecord, log_history: list[dict], output_dir: Path) -> None
     ]
     for what, where in record.outputs.items():
         lines.append(f"{what:<16} {where}")
+    lines = wrap_summary(lines)
     width = max(len(line) for line in lines)
     print("\n" + f" optim8 {record.recipe}: summary ".center(width, "="))
     print("\n".join(lines))
     print("=" * width, flush=True)
+
+
+SUMMARY_COLUMNS = 100
+
+
+def wrap_summary(lines: list[str], columns: int = SUMMARY_COLUMNS) -> list[str]:
+    """Lines of ``label value`` wrapped to ``columns``, continuations indented under the value.
+
+    Paths are never broken (a path is one word); a single word longer than the width stays whole.
+    """
+    import textwrap
+
+    out = []
+    for line in lines:
+        if len(line) <= columns:
+            out.append(line)
+            continue
+        indent = " " * 17
+        out.extend(textwrap.wrap(line[17:], columns, initial_indent=line[:17], subsequent_indent=indent,
+                                 break_long_words=False, break_on_hyphens=False))
+    return out
+
+
+class EvalProgress:
+    """Makes Trainer's evaluation progress bar say "evaluating" (transformers leaves it unlabelled)."""
+
+    @staticmethod
+    def install(trainer) -> None:
+        from transformers.trainer_callback import ProgressCallback
+
+        class LabelledProgress(ProgressCallback):
+            def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+                fresh = self.prediction_bar is None
+                super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+                if fresh and self.prediction_bar is not None:
+                    self.prediction_bar.set_description("evaluating")
+
+        if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(LabelledProgress)
 
 
 def run_main(main, argv: list[str] | None) -> int:

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         optimizers=(optimizer, scheduler),
     )
+    common.EvalProgress.install(trainer)  # the before/after evaluation bars say "evaluating"
 
     common.reset_peak_memory(runtime)
     eval_before = trainer.evaluate()["eval_loss"]

