@@ -1,10 +1,12 @@
 """Compiled CPU kernels: C++ sources under ``kernels/cpu/`` built at first use by the system compiler.
 
-The CPU twin of the NVRTC path. ``library()`` compiles ``cpu/adam_cpu.cpp`` once per
-(source, flags, compiler, CPU) into ``$OPTIM8_CPU_CACHE`` (default ``~/.cache/optim8/cpu``)
+The CPU twin of the NVRTC path. ``library()`` compiles ``cpu/adam_cpu.cpp`` (the Adam step)
+and ``cpu/int8_cpu.cpp`` (the int8 linear's passes around its GEMM) into one library, once per
+(sources, flags, compiler, CPU) into ``$OPTIM8_CPU_CACHE`` (default ``~/.cache/optim8/cpu``)
 and loads it with ctypes; later processes load the cached library. Where no compiler exists,
 compilation fails, or ``OPTIM8_CPU_KERNELS=0`` is set, ``library()`` returns None and callers
-take the PyTorch reference, which computes the same bits (tests/test_cpu_kernels.py).
+take the PyTorch path, which computes the same bits (tests/test_cpu_kernels.py,
+tests/test_int8_kernels.py).
 
 Flags: ``-O3 -march=native`` for the vector units of the machine it runs on (the CPU's model
 and flags are part of the cache key), ``-ffp-contract=off`` (no fused multiply-add: every
@@ -26,7 +28,10 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "cpu" / "adam_cpu.cpp"
+SOURCES = (
+    Path(__file__).resolve().parent / "cpu" / "adam_cpu.cpp",  # the Adam step
+    Path(__file__).resolve().parent / "cpu" / "int8_cpu.cpp",  # the passes around the int8 GEMM
+)
 FLAGS = (
     "-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
     "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
@@ -94,14 +99,14 @@ def _load(cxx: str | None) -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-        src = SOURCE.read_text()
-        digest = hashlib.sha256("\0".join([src, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:32]
+        srcs = [path.read_text() for path in SOURCES]
+        digest = hashlib.sha256("\0".join([*srcs, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:32]
         target = cache_dir() / f"adam_cpu-{digest}.so"
         if not target.exists():
             cache_dir().mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".build-") as tmp:
                 out = Path(tmp) / target.name
-                proc = subprocess.run([cxx, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True, timeout=600)
+                proc = subprocess.run([cxx, *FLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True, timeout=600)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{cxx} failed:\n{proc.stderr[-4000:]}")
                 os.replace(out, target)  # atomic: a concurrent process sees the old state or the whole file
@@ -118,6 +123,15 @@ def _load(cxx: str | None) -> ctypes.CDLL | None:
     fn = lib.optim8_adam_step
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name, args in (
+        ("optim8_int8_scan", [ptr, i64, i64, ctypes.c_float, ptr, ptr, i32]),
+        ("optim8_int8_rowmax", [ptr, i64, i64, ptr, ptr, i32]),
+        ("optim8_int8_quantize_rows", [ptr, i64, i64, ptr, ptr, ptr, ptr, i32]),
+        ("optim8_int8_epilogue", [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32]),
+    ):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = args
     return lib
 
 

@@ -25,8 +25,10 @@ Forward, ``int8_linear(x[M, K], q, SCB, bias, threshold)`` computes ``x @ W^T + 
       xq[m, k]    = 0 if outlier[k] else rint(x[m, k] * (127 / amax_m))   # int8
       row_scale_m = amax_m / 127
       acc         = xq @ q^T                                # exact int32
+      osum[m, n]  = sum over the outlier columns k, in column order, of x[m, k] * q[n, k]
+                                                            # fp32, each product and sum rounded once
       out         = acc * (row_scale_m * SCB_n)             # fp32
-                    + (x[:, outlier] @ q[:, outlier]^T) * SCB_n   # fp32
+                    + osum * SCB_n                          # fp32
                     + bias                                  # fp32, then one rounding to x's dtype
 
   The outlier columns (few: activations of large models have a handful of feature
@@ -34,7 +36,11 @@ Forward, ``int8_linear(x[M, K], q, SCB, bias, threshold)`` computes ``x @ W^T + 
   flatten every other value of their rows to zero. Flagged columns beyond the cap (a
   threshold far too low for the data) go through the int8 path like the rest: less
   precise, never wrong. The cap lets the CUDA path find the columns on the device, so the
-  forward never waits for the host (and can be captured in a CUDA graph).
+  forward never waits for the host (and can be captured in a CUDA graph). The outlier
+  product is a plain ordered sum rather than a BLAS matmul (whose summation order and use of
+  fused multiply-adds vary with the library, the CPU and the shape), so every implementation
+  (the reference, the compiled CPU passes, the CUDA epilogue) computes the same bits, and the
+  fast ones never write an ``M x N`` temporary for it.
 
 Backward (straight-through): ``grad_x = grad_out @ dequantize_rowwise(q, SCB, grad.dtype)``,
 the dequantized weight is a temporary of the backward call only.
@@ -57,7 +63,7 @@ import torch
 if not __name__.startswith("optim8."):  # see kernels/__init__.py: a second copy of the ops would free the first
     raise ImportError(f"{__name__} is part of optim8: import optim8.kernels, not the top-level 'kernels'")
 
-from . import _launch
+from . import _cpu, _launch
 
 __all__ = [
     "DECODE_TOKENS",
@@ -194,10 +200,19 @@ def int8_linear_reference(
     out = acc.float() * (row_scale[:, None] * scb[None, :])
     cols = outlier.nonzero().flatten()
     if cols.numel():
-        out = out + (x[:, cols].float() @ q[:, cols].float().t()) * scb
+        out = out + _outlier_sum(x[:, cols].float(), q[:, cols].float()) * scb
     if bias32 is not None:
         out = out + bias32
     return out.to(x.dtype)
+
+
+def _outlier_sum(xo: torch.Tensor, qo: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``xo[M, C] @ qo[N, C]^T`` as the ordered fp32 sum over c (each product and sum rounded once)."""
+    osum = torch.zeros((xo.shape[0], qo.shape[0]), dtype=torch.float32, device=xo.device) if out is None else out.zero_()
+    term = torch.empty_like(osum)
+    for c in range(xo.shape[1]):
+        osum.add_(torch.mul(xo[:, c : c + 1], qo[None, :, c], out=term))
+    return osum
 
 
 # ------------------------------------------------------------------------------ CPU path
@@ -221,11 +236,17 @@ def _int8_linear_cpu(
     (``acc * (row_scale * SCB)``, the outlier product, bias, the cast) runs in place, one
     cache-sized block of output rows at a time. The clamp of the reference is dropped: a kept
     value has ``|x| <= amax``, so ``|x * RN(127 / amax)| < 127.5`` and it rounds into range.
+    Where the compiled CPU library builds (kernels/_cpu.py), those passes run in C++ instead
+    (``_int8_linear_compiled``): one read of x for the absmaxes, one to quantize, one pass over
+    the accumulator for the whole epilogue.
     """
     m, k = x.shape
     n = q.shape[0]
     if m <= DECODE_TOKENS or k == 0 or n == 0:
         return int8_linear_reference(x, q, scb, bias, threshold)
+    lib = _cpu.library()
+    if lib is not None and q.is_contiguous():
+        return _int8_linear_compiled(lib, x, q, scb, bias, threshold)
     xf = x.float().contiguous()
     rows = max(1, _CPU_CHUNK_ELEMENTS // k)
     buf = torch.empty((min(rows, m), k), dtype=torch.float32)
@@ -237,15 +258,7 @@ def _int8_linear_cpu(
         torch.amax(a, dim=1, out=amax[r0 : r0 + a.shape[0]])
         if colmax is not None:
             torch.maximum(colmax, a.amax(dim=0), out=colmax)
-    cols = None
-    if colmax is not None:
-        flagged = colmax >= threshold
-        nan_cols = colmax.isnan()
-        if bool(nan_cols.any()):  # a NaN hides whether its column also holds a |x| >= threshold
-            flagged[nan_cols] = (xf[:, nan_cols].abs() >= threshold).any(dim=0)
-        cols = flagged.nonzero().flatten()[:OUTLIER_CAP]
-        if not cols.numel():
-            cols = None
+    cols = None if colmax is None else _outlier_columns(xf, colmax, threshold)
     if cols is not None:  # the row absmaxes of the reference exclude the outlier columns
         for r0 in range(0, m, rows):
             a = torch.abs(xf[r0 : r0 + rows], out=buf[: min(rows, m - r0)])
@@ -268,13 +281,14 @@ def _int8_linear_cpu(
     acc = _int_mm_exact(xq, q)
     del xq, buf
     row_scale = _div(amax, 127.0)
-    outlier_part = None
+    xo = qo = None
     if cols is not None:
-        outlier_part = x[:, cols].float() @ q[:, cols].float().t()  # the reference's own product
+        xo, qo = x[:, cols].float(), q[:, cols].float()
     bias32 = None if bias is None else bias.float()
     out = torch.empty((m, n), dtype=x.dtype)
     rows = max(1, _CPU_CHUNK_ELEMENTS // n)
     scale = torch.empty((min(rows, m), n), dtype=torch.float32)
+    osum = None if xo is None else torch.empty((min(rows, m), n), dtype=torch.float32)
     fp32 = x.dtype == torch.float32
     out32 = None if fp32 else torch.empty((min(rows, m), n), dtype=torch.float32)
     for r0 in range(0, m, rows):
@@ -282,13 +296,71 @@ def _int8_linear_cpu(
         sc = torch.mul(row_scale[r0:r1, None], scb[None, :], out=scale[: r1 - r0])
         o = out[r0:r1] if fp32 else out32[: r1 - r0]
         o.copy_(acc[r0:r1]).mul_(sc)
-        if outlier_part is not None:
-            o.add_(outlier_part[r0:r1].mul_(scb))
+        if xo is not None:
+            o.add_(_outlier_sum(xo[r0:r1], qo, out=osum[: r1 - r0]).mul_(scb))
         if bias32 is not None:
             o.add_(bias32)
         if not fp32:
             out[r0:r1].copy_(o)  # the one rounding to x's dtype
     return out
+
+
+def _outlier_columns(xf: torch.Tensor, colmax: torch.Tensor, threshold: float) -> Optional[torch.Tensor]:
+    """The reference's outlier columns (at most ``OUTLIER_CAP``) from the column absmaxes, or None."""
+    flagged = colmax >= threshold
+    nan_cols = colmax.isnan()
+    if bool(nan_cols.any()):  # a NaN hides whether its column also holds a |x| >= threshold
+        flagged[nan_cols] = (xf[:, nan_cols].abs() >= threshold).any(dim=0)
+    cols = flagged.nonzero().flatten()[:OUTLIER_CAP]
+    return cols if cols.numel() else None
+
+
+def _int8_linear_compiled(lib, x, q, scb, bias, threshold):
+    """``_int8_linear_cpu`` with its passes in cpu/int8_cpu.cpp: row absmaxes and flagged columns
+    in one read of x, the quantization (with the row scales) in one more, the epilogue (scales,
+    outlier sum, bias) in one pass over the int32 accumulator, written over it. Same operations,
+    same order, same bits as the reference."""
+    m, k = x.shape
+    n = q.shape[0]
+    threads = torch.get_num_threads()
+    xf = x.float().contiguous()
+    amax = torch.empty(m, dtype=torch.float32)
+    skip = cols = None
+    if threshold > 0:
+        flags = torch.empty(k, dtype=torch.uint8)
+        lib.optim8_int8_scan(xf.data_ptr(), m, k, threshold, flags.data_ptr(), amax.data_ptr(), threads)
+        cols = flags.nonzero().flatten()
+        if not cols.numel():
+            cols = None
+        elif cols.numel() > OUTLIER_CAP:  # flagged columns past the cap stay in the int8 path
+            cols = cols[:OUTLIER_CAP]
+            skip = torch.zeros(k, dtype=torch.uint8)
+            skip[cols] = 1
+        else:
+            skip = flags
+    else:
+        lib.optim8_int8_rowmax(xf.data_ptr(), m, k, None, amax.data_ptr(), threads)
+    if skip is not None:  # the row absmaxes of the reference exclude the outlier columns
+        lib.optim8_int8_rowmax(xf.data_ptr(), m, k, skip.data_ptr(), amax.data_ptr(), threads)
+    xq = torch.empty((m, k), dtype=torch.int8)
+    row_scale = torch.empty(m, dtype=torch.float32)
+    lib.optim8_int8_quantize_rows(
+        xf.data_ptr(), m, k, amax.data_ptr(), None if skip is None else skip.data_ptr(), xq.data_ptr(), row_scale.data_ptr(), threads
+    )
+    acc = _int_mm_exact(xq, q).contiguous()
+    del xq
+    xo = qo = None
+    if cols is not None:  # the outlier columns: x's as fp32 [M, C], the weight's transposed [C, N]
+        xo, qo = x[:, cols].float().contiguous(), q[:, cols].t().float().contiguous()
+    bias32 = None if bias is None else bias.float().contiguous()
+    scb32 = scb.float().contiguous()
+    out = acc.view(torch.float32)  # the epilogue writes each row over its own accumulators
+    lib.optim8_int8_epilogue(
+        acc.data_ptr(), m, n, row_scale.data_ptr(), scb32.data_ptr(),
+        None if xo is None else xo.data_ptr(), None if qo is None else qo.data_ptr(), 0 if xo is None else xo.shape[1],
+        None if bias32 is None else bias32.data_ptr(), out.data_ptr(), threads,
+    )
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def _int8_linear_default(x, q, scb, bias, threshold):
