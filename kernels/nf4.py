@@ -11,7 +11,8 @@ into blocks of ``blocksize`` (64 by default) consecutive elements::
 ``code`` is one of two 16-entry maps (:func:`code_map`): ``"nf4"``, the normal-float values of
 QLoRA (quantiles of N(0, 1), from -1 to 1 with an exact 0), or ``"fp4"``, e2m1 in bitsandbytes'
 bit order (sign bit 3; ``[0, 0.0625, 8, 12, 4, 6, 2, 3] / 12``). An odd ``n`` pads the last low
-nibble with 0. Non-finite weights are refused.
+nibble with the code of 0.0 (NF4: 7, FP4: 0), as bitsandbytes does, so the packed bytes match
+its own. Non-finite weights are refused.
 
 Double quantization (``double_quant=True``): the fp32 absmaxes are stored in 8 bits as well::
 
@@ -227,8 +228,8 @@ def quantize_4bit_reference(
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     scaled = (blocks * inv[:, None]).clamp_(-1.0, 1.0).reshape(-1)[:n]
     codes = _nearest(scaled, code)
-    if n % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
+    if n % 2:  # the pad nibble: the code of 0.0, as bitsandbytes writes it
+        codes = torch.cat([codes, _nearest(flat.new_zeros(1), code)])
     packed = (codes[0::2] << 4) | codes[1::2]
     if not double_quant:
         return packed, absmax, None, None, 0.0
