@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import pathlib
+import platform
 import tempfile
 import time
 
@@ -66,6 +67,18 @@ def dry_run() -> bool:
 
 def device() -> torch.device:
     return torch.device("cpu" if _dry else "cuda")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for a CPU benchmark's report."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def device_name() -> str:

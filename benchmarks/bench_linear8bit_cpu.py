@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import time
 
 import torch
@@ -44,16 +43,6 @@ TOKENS = [1, 16, 128, 512, 2048]
 MAX_TOKENS = {(4096, 14336): 512}
 BAR_TOKENS = 128
 DRY_SHAPES, DRY_TOKENS = [(64, 96)], [1, 16, 130]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def interleaved_ms(fns: dict, rounds: int, budget_s: float) -> dict:
@@ -200,7 +189,7 @@ def run(args):
     finally:
         torch.set_num_threads(initial_threads)
     lines = [
-        f"# Linear8bitLt on the CPU ({datetime.date.today()}, {cpu_name()}, torch {torch.__version__}, "
+        f"# Linear8bitLt on the CPU ({datetime.date.today()}, {C.cpu_name()}, torch {torch.__version__}, "
         f"{torch.backends.cpu.get_cpu_capability()}, bitsandbytes {bnb_version or 'not installed'})",
         "",
         "ms per forward (no_grad, fp32 activations), median of interleaved rounds; ratios against fp32 nn.Linear."

@@ -24,27 +24,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 
 import torch
 
 import optim8
 from optim8.kernels import _cpu
+import _common as C
 from bench_optim import tinyllama_shapes
 
 SHAPES = dict(hidden=512, layers=8, mlp=1536, kv_heads=4, head_dim=64, vocab=16000)
 QUICK_SHAPES = dict(hidden=64, layers=2, mlp=160, kv_heads=2, head_dim=16, vocab=300)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_params(shapes, dtype):
@@ -108,7 +98,7 @@ def main():
         why = _cpu.unavailable_reason()
     hp = dict(lr=1e-4, weight_decay=0.01)
     lines = [
-        f"# Optimizer step on the CPU ({datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__})",
+        f"# Optimizer step on the CPU ({datetime.date.today()}, {C.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__})",
         "",
         f"Llama-shaped parameter set: {len(shapes)} tensors, {n / 1e6:.1f} M parameters. Median of {iters} "
         f"`step()` calls after one warm-up, ns per parameter; ratios against torch AdamW in the same row group. "
