@@ -538,9 +538,25 @@ def analyze(kernel: str, args: list[str], fn: Function, tensors: int, explain: b
         common, decisions = w.count, w.decisions
         where = "grid-stride loop (one chunk)"
     elif kernel in ("quantize_blockwise", "dequantize_blockwise"):
-        per_iter = 8
-        static = len(body_all)
-        where = "whole body (no loop; the smid/smap fill included)"
+        # the grid-stride loops: the outermost loops holding the vectorized access (16-byte
+        # loads of x; 8-byte loads of 8 codes). quantize_blockwise has one per map (the map is
+        # a launch argument; the signed loop is the one with extreme_key's rotate, SHF.L.W):
+        # the row's common path is the larger of the two, both are named in `where`
+        per_iter = 8  # elements per lane per step
+        vec = (r"LDG\.E\.128", r"STG\.E\.64") if kernel == "quantize_blockwise" else (r"LDG\.E\.64", r"STG")
+        outer = [lp for lp in ls if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in ls)]
+        hot_loops = [lp for lp in outer if all(_stream_count(span(lp), p) for p in vec)]
+        if not hot_loops:
+            raise RuntimeError(f"{kernel}: no grid-stride loop with a vectorized access")
+        walks = {lp: common_path(fn, lp[0], lp[1], tensors, explain) for lp in hot_loops}
+        worst = max(hot_loops, key=lambda lp: walks[lp].count)
+        static = max(len(span(lp)) for lp in hot_loops)
+        common, decisions = walks[worst].count, walks[worst].decisions
+        if kernel == "quantize_blockwise":
+            per_map = {("signed" if _stream_count(span(lp), r"SHF\.L\.W") else "unsigned"): walks[lp].count / per_iter for lp in hot_loops}
+            where = "grid-stride loop, 8 elem/lane (common path: " + ", ".join(f"{k} map {v:.1f}" for k, v in sorted(per_map.items())) + ")"
+        else:
+            where = "grid-stride loop, 8 elem/lane"
     elif kernel == "gemv_int8":
         mt, r = int(args[1]), int(args[2])
         hot = max(ls, key=lambda lp: lp[1] - lp[0])  # the loop over K tiles of 512

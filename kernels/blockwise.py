@@ -45,6 +45,8 @@ Non-contiguous input is accepted and read through a contiguous copy.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -131,6 +133,44 @@ def dequantize_blockwise_reference(
 # fake tensors for meta-device models and torch.compile.
 
 
+@functools.cache
+def _check_encoder(signed: bool) -> None:
+    """Prove that the CUDA encoder (``encode_unit`` in cuda/blockwise.cu: kernels/adam.py's
+    encoder table, then one boundary test) is ``torch.bucketize`` (with the unsigned map's
+    "positive values take at least code 1") for every fp32 value ``|v| < 4``, the values it
+    encodes. Both are step functions of ``v``, constant between consecutive critical values
+    (the ends of every table cell, every boundary, the float just above it, zero), so they
+    agree everywhere when they agree on those; checked once per map, on the CPU."""
+    from .adam import GPU_LUT_EXP0, GPU_LUT_NEXP, _gpu_encode_table_cpu
+
+    lut = _gpu_encode_table_cpu(signed).long()
+    mid = map_boundaries(signed, "cpu")
+    top = torch.arange(1 << 16, dtype=torch.int64)
+    top = top[((top >> 7) & 0xFF) <= 128]  # exponent field <= 128: |v| < 4
+    ends = torch.cat([top << 16, top << 16 | 0xFFFF])
+    ends = torch.where(ends >= 1 << 31, ends - (1 << 32), ends).to(torch.int32).view(torch.float32)
+    zero = torch.tensor([0.0, -0.0, float(np.nextafter(np.float32(0), np.float32(1)))])
+    v = torch.cat([ends, mid, torch.nextafter(mid, torch.tensor(float("inf"))), zero])
+    v = v[v.abs() < 4]
+    bits = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    t = torch.clamp((bits & 0x7FFFFFFF) >> 16, min=GPU_LUT_EXP0 << 7)
+    c = lut[t - (GPU_LUT_EXP0 << 7) + torch.where(bits >> 31 == 1, GPU_LUT_NEXP * 128, 0)]
+    c = c + (torch.cat([mid, torch.tensor([float("inf")])])[c] < v)
+    ref = torch.bucketize(v, mid)
+    if not signed:
+        c = torch.maximum(c, (v > 0).long())
+        ref = torch.where((v > 0) & (ref == 0), 1, ref)
+    if not torch.equal(c, ref):
+        bad = v[c != ref][:4].tolist()
+        raise AssertionError(f"the CUDA encoder's table needs more than one boundary test (signed={signed}) at {bad}")
+
+
+def _grid_limit(fn, threads: int, device: torch.device) -> int:
+    """CTAs that fit on the GPU at once: the kernels stride over the tensor with this many, so
+    each CTA loads its tables into shared memory once."""
+    return _launch.sm_count(device) * _launch.ctas_per_sm(fn, threads, device)
+
+
 @torch.library.custom_op("optim8::quantize_blockwise", mutates_args=())
 def _quantize_op(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_blockwise_reference(x, blocksize, signed)
@@ -151,13 +191,17 @@ def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch
     if n == 0:
         return codes, absmax
     fn = _launch.function("blockwise.cu", f"quantize_blockwise<{_CTYPE[x.dtype]},{blocksize}>", x.device, _NAMES)
-    threads_per_block = blocksize // 8
-    cta = max(threads_per_block, 256)
-    per_cta = cta // threads_per_block
-    grid = num_blocks(absmax.numel(), per_cta)
+    from .adam import _gpu_encode_table  # adam imports this module
+
+    _check_encoder(signed)
+    lut = _gpu_encode_table(signed, x.device)
+    assert lut.data_ptr() % 16 == 0, "the encoder table is copied to shared memory in 16-byte pieces"
+    cta = max(blocksize // 8, 256)  # threads: 8 elements each, at least one quantization block
+    grid = min(num_blocks(n, cta * 8), _grid_limit(fn, cta, x.device))
     args = (
         _launch.ptr(x),
         _launch.ptr(map_boundaries(signed, x.device)),
+        _launch.ptr(lut),
         _launch.ptr(codes),
         _launch.ptr(absmax),
         np.int64(n),
@@ -198,7 +242,7 @@ def _dequantize_cuda(codes, absmax, blocksize, signed, dtype):
         np.int64(n),
         np.int32(codes.data_ptr() % 8 == 0),
     )
-    _launch.launch(fn, num_blocks(n, 256 * 8), 256, args, codes.device)
+    _launch.launch(fn, min(num_blocks(n, 256 * 8), _grid_limit(fn, 256, codes.device)), 256, args, codes.device)
     return out
 
 

@@ -3,91 +3,146 @@
 // division by its block's absmax. The PyTorch reference is kernels/blockwise.py;
 // both compute the same function bit for bit.
 //
-// Each thread owns E = 8 consecutive elements (one or two 16-byte loads), so a block
-// of BLOCK elements is BLOCK / 8 threads: a group inside one warp for BLOCK <= 256,
-// a whole CTA above that.
+// Each thread owns E = 8 consecutive elements per step (one or two 16-byte loads of x, one
+// 8-byte store of codes), so a block of BLOCK elements is BLOCK / 8 threads: a group inside
+// one warp for BLOCK <= 256 (its absmax reduced with shuffles), whole warps above that
+// (shuffles, then the warps' maxima through shared memory). Both kernels stride over the
+// tensor with a grid sized to the GPU (kernels/blockwise.py), so their tables are loaded
+// into shared memory once per CTA, not once per 2048 elements.
 #include "common.cuh"
+#include "state8.cuh"
 
-#define E 8
+// state8.cuh's encode() for the values this kernel encodes: finite, |v| < 4 (a value
+// multiplied by its block's reciprocal scale: at most 1 plus rounding), with mid[255] = +Inf.
+// The table's index is the top 16 bits of v: its exponent field (clamped below at LUT_EXP0:
+// every entry of the "tiny" row e == 0 holds the same count, so its mantissa bits need no
+// masking) and top 7 mantissa bits, offset by the sign's half. The walk over the boundaries
+// inside the cell is one test: no cell of either map's table holds two boundaries
+// (kernels/blockwise.py, _check_encoder, proves this over every cell before the first launch).
+__device__ __forceinline__ int encode_unit(const u8* __restrict__ lut, const float* __restrict__ mid, float v) {
+    const unsigned int b = __float_as_uint(v);
+    const unsigned int top = umax((b & 0x7fffffffu) >> 16, LUT_EXP0 << 7);
+    const int c = lut[(int)(top - (LUT_EXP0 << 7)) + (((int)b >> 31) & (LUT_NEXP * 128))];
+    return mid[c] < v ? c + 1 : c;
+}
 
-// x: n elements; mid: the map's 255 decision boundaries (fp32, sorted);
+// Four codes (0..255) as the bytes of one word, lowest first.
+__device__ __forceinline__ unsigned int pack4(const int* c) {
+    return __byte_perm(__byte_perm(c[0], c[1], 0x3340), __byte_perm(c[2], c[3], 0x3340), 0x5410);
+}
+
+// 8 codes packed in `p` (byte i = element i): one 8-byte store when `vec`, else bounds-checked bytes.
+__device__ __forceinline__ void store_packed(u8* __restrict__ dst, i64 base, i64 n, bool vec, uint2 p) {
+    if (vec) {
+        *reinterpret_cast<uint2*>(dst + base) = p;
+    } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            if (base + i < n) dst[base + i] = (u8)((i < 4 ? p.x : p.y) >> (8 * (i & 3)));
+    }
+}
+
+// The grid-stride loop of quantize_blockwise for one map (SIGNED: the signed map's rules,
+// else the unsigned one's). A step of the CTA covers CTA * 8 consecutive elements.
+template <typename T, int BLOCK, bool SIGNED>
+__device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const float* __restrict__ smid,
+                                               const u8* __restrict__ slut, u8* __restrict__ codes,
+                                               float* __restrict__ absmax, const i64 n, const int zero_code,
+                                               const bool aligned, unsigned int* swarp) {
+    constexpr int TPB = BLOCK / E;  // threads per quantization block
+    constexpr int CTA = TPB >= 256 ? TPB : 256;
+    constexpr int STEP = CTA * E;
+    const i64 nsteps = (n + STEP - 1) / STEP;
+    int parity = 0;
+    for (i64 s = blockIdx.x; s < nsteps; s += gridDim.x) {
+        const i64 base = s * STEP + (i64)threadIdx.x * E;
+        // lanes past the end join the block reduction with zeros, then store nothing
+        const bool vec = aligned && base + E <= n;
+        float v[E];
+        load_vals(x, base, n, vec, v);
+        // the block's scale: its extreme value (signed map: reduced as extreme_key) or its
+        // largest magnitude (unsigned map: the integer max over |x| bits, NaN the largest)
+        unsigned int k = 0;
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            k = umax(k, SIGNED ? extreme_key(v[i]) : __float_as_uint(v[i]) & 0x7fffffffu);
+        if constexpr (TPB <= 32) {
+            k = group_umax<TPB>(k);
+        } else {
+            // a quantization block spans WPB whole warps; a CTA may hold several blocks.
+            // swarp is double-buffered: a warp can reach the next step's write only after
+            // every warp has passed this step's barrier, i.e. has read the other half
+            constexpr int WPB = TPB / 32;
+            k = group_umax<32>(k);
+            unsigned int* sw = swarp + parity * (CTA / 32);
+            if ((threadIdx.x & 31) == 0) sw[threadIdx.x >> 5] = k;
+            __syncthreads();
+            const int w0 = (threadIdx.x / TPB) * WPB;  // this block's first warp
+            k = sw[w0];
+#pragma unroll
+            for (int w = 1; w < WPB; ++w) k = umax(k, sw[w0 + w]);
+            parity ^= 1;
+        }
+        if (base < n) {
+            const float m = SIGNED ? extreme_value(k) : __uint_as_float(k);
+            float a, inv;
+            const bool ok = block_scale(m, &a, &inv);
+            if ((threadIdx.x & (TPB - 1)) == 0) absmax[base / BLOCK] = a;
+            uint2 packed;
+            if (ok) {
+                int c[E];
+#pragma unroll
+                for (int i = 0; i < E; ++i) {
+                    const float sc = __fmul_rn(v[i], inv);
+                    c[i] = encode_unit(slut, smid, sc);
+                    if (!SIGNED) {  // a positive value never encodes to zero: at least code 1
+                        const int pos = (int)__float_as_uint(sc) > 0;
+                        c[i] = c[i] > pos ? c[i] : pos;
+                    }
+                }
+                packed.x = pack4(c);
+                packed.y = pack4(c + 4);
+            } else {
+                packed.x = packed.y = (unsigned int)zero_code * 0x01010101u;
+            }
+            store_packed(codes, base, n, vec, packed);
+        }
+    }
+}
+
+// x: n elements; mid: the map's 255 decision boundaries (fp32, sorted); lut: the encoder
+// table of kernels/adam.py (_gpu_encode_table, LUT_SIZE bytes, 16-byte aligned);
 // codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned;
 // `signed_map` selects the signed map's rules (absmax = the block's extreme value) or the
 // unsigned one's (absmax = the largest magnitude; a positive value never takes code 0).
 // A block holding NaN or +-Inf gets absmax NaN and every code zero_code; a block whose
 // largest magnitude is below 2**-104 gets absmax 0 and every code zero_code.
 template <typename T, int BLOCK>
-__global__ void quantize_blockwise(const T* __restrict__ x, const float* __restrict__ mid,
-                                   u8* __restrict__ codes, float* __restrict__ absmax,
-                                   const i64 n, const int zero_code, const int aligned,
-                                   const int signed_map) {
-    constexpr int TPB = BLOCK / E;                 // threads per quantization block
+__global__ void __launch_bounds__(BLOCK / E >= 256 ? BLOCK / E : 256)
+quantize_blockwise(const T* __restrict__ x, const float* __restrict__ mid, const u8* __restrict__ lut,
+                   u8* __restrict__ codes, float* __restrict__ absmax,
+                   const i64 n, const int zero_code, const int aligned, const int signed_map) {
+    constexpr int TPB = BLOCK / E;
     constexpr int CTA = TPB >= 256 ? TPB : 256;
-    constexpr int QPC = CTA / TPB;                 // quantization blocks per CTA
     __shared__ float smid[256];
-    __shared__ unsigned int swarp[CTA / 32];
+    __shared__ __align__(16) u8 slut[LUT_SIZE];
+    __shared__ unsigned int swarp[2 * (CTA / 32)];
 
-    for (int i = threadIdx.x; i < 255; i += CTA) smid[i] = mid[i];
+    static_assert(LUT_SIZE % 16 == 0, "the table is copied in 16-byte pieces");
+    for (int i = threadIdx.x; i < LUT_SIZE / 16; i += CTA)
+        reinterpret_cast<uint4*>(slut)[i] = reinterpret_cast<const uint4*>(lut)[i];
+    for (int i = threadIdx.x; i < 256; i += CTA) smid[i] = i < 255 ? mid[i] : __uint_as_float(0x7f800000u);
+    __syncthreads();  // slut and smid are complete
 
-    const i64 nblocks = (n + BLOCK - 1) / BLOCK;
-    const i64 q = (i64)blockIdx.x * QPC + threadIdx.x / TPB;
-    const int lane = threadIdx.x % TPB;
-    const i64 base = q * BLOCK + (i64)lane * E;
-
-    float v[E];
-    if (aligned && base + E <= n) {
-        load8(x + base, v);
-    } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i) v[i] = base + i < n ? to_float(x[base + i]) : 0.0f;
-    }
-    // the block's scale: its extreme value (signed map: reduced as extreme_key) or its
-    // largest magnitude (unsigned map: the same integer max over |x| bits, NaN the largest)
-    unsigned int k = 0;
-    if (signed_map) {
-#pragma unroll
-        for (int i = 0; i < E; ++i) k = umax(k, extreme_key(v[i]));
-    } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i) k = umax(k, __float_as_uint(v[i]) & 0x7fffffffu);
-    }
-
-    if constexpr (TPB <= 32) {
-        k = group_umax<TPB>(k);
-        __syncthreads();  // smid is complete
-    } else {
-        // a quantization block spans WPB whole warps; a CTA may hold several blocks (QPC)
-        constexpr int WPB = TPB / 32;
-        k = group_umax<32>(k);
-        if ((threadIdx.x & 31) == 0) swarp[threadIdx.x >> 5] = k;
-        __syncthreads();  // swarp and smid are complete
-        const int w0 = (threadIdx.x / TPB) * WPB;  // this block's first warp
-        k = swarp[w0];
-#pragma unroll
-        for (int w = 1; w < WPB; ++w) k = umax(k, swarp[w0 + w]);
-    }
-    const float m = signed_map ? extreme_value(k) : __uint_as_float(k);
-    if (q >= nblocks) return;
-    float a, inv;
-    const bool ok = block_scale(m, &a, &inv);
-    if (lane == 0) absmax[q] = a;
-
-    int c[E];
-    if (!ok) {
-#pragma unroll
-        for (int i = 0; i < E; ++i) c[i] = zero_code;
-    } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-            const float s = v[i] * inv;
-            c[i] = nearest_code(smid, s);
-            if (!signed_map && c[i] == 0 && s > 0.0f) c[i] = 1;  // positive values never encode to zero
-        }
-    }
-    store_codes(codes, base, n, base + E <= n, c);
+    if (signed_map)
+        quantize_steps<T, BLOCK, true>(x, smid, slut, codes, absmax, n, zero_code, aligned != 0, swarp);
+    else
+        quantize_steps<T, BLOCK, false>(x, smid, slut, codes, absmax, n, zero_code, aligned != 0, swarp);
 }
 
 // codes: n bytes (8-byte aligned when `aligned`); qmap: 256 floats; out: n elements.
+// A step of the CTA covers 2048 elements: one 8-byte load of 8 codes and 8 elements stored
+// with 16-byte stores per thread.
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(256)
 dequantize_blockwise(const u8* __restrict__ codes, const float* __restrict__ qmap,
@@ -97,18 +152,23 @@ dequantize_blockwise(const u8* __restrict__ codes, const float* __restrict__ qma
     smap[threadIdx.x] = qmap[threadIdx.x];
     __syncthreads();
 
-    const i64 base = ((i64)blockIdx.x * 256 + threadIdx.x) * E;
-    if (base >= n) return;
-    const float a = absmax[base / BLOCK];  // BLOCK % E == 0: a thread never straddles blocks
-    float v[E];
-    if (aligned && base + E <= n) {
-        const uint2 packed = *reinterpret_cast<const uint2*>(codes + base);
+    constexpr int STEP = 256 * E;
+    const i64 nsteps = (n + STEP - 1) / STEP;
+    for (i64 s = blockIdx.x; s < nsteps; s += gridDim.x) {
+        const i64 base = s * STEP + (i64)threadIdx.x * E;
+        if (base >= n) continue;
+        const float a = absmax[base / BLOCK];  // BLOCK % E == 0: a thread never straddles blocks
+        float v[E];
+        if (aligned && base + E <= n) {
+            int c[E];
+            load_codes(codes, base, n, true, c);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = smap[(packed.x >> (8 * i)) & 0xff] * a;
+            for (int i = 0; i < E; ++i) v[i] = smap[c[i]] * a;
+            store8(out + base, v);
+        } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[4 + i] = smap[(packed.y >> (8 * i)) & 0xff] * a;
-        store8(out + base, v);
-    } else {
-        for (int i = 0; i < E && base + i < n; ++i) out[base + i] = from_float<T>(smap[codes[base + i]] * a);
+            for (int i = 0; i < E; ++i)
+                if (base + i < n) out[base + i] = from_float<T>(smap[codes[base + i]] * a);
+        }
     }
 }
