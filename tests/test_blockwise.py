@@ -302,7 +302,7 @@ def test_cuda_grid_stride(blocksize, dtype):
 
 
 def test_cuda_encoder_needs_one_boundary_test():
-    """The CUDA encoder's proof of exactness (cuda/blockwise.cu, encode_unit) holds for both maps."""
+    """The CUDA encoder's proof of exactness (cuda/blockwise.cu, encode_word, and its table) holds for both maps."""
     from optim8.kernels import blockwise
 
     for signed in (True, False):

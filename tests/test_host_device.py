@@ -190,20 +190,17 @@ def test_sanitizer_build_runs_a_correct_kernel_clean():
 def test_removing_a_barrier_from_a_real_kernel_is_caught():
     """blockwise.cu without the barrier after its shared-memory table load: wrong codes, seen."""
     from optim8.kernels import blockwise
-    from optim8.kernels.adam import _gpu_encode_table
-    from optim8.kernels.quant_map import map_boundaries, zero_code
+    from optim8.kernels.quant_map import zero_code
 
-    line = "    __syncthreads();  // slut and smid are complete"
+    line = "    __syncthreads();  // stab is complete"
     text = _launch.source("blockwise.cu")
     assert line in text
     expr = "quantize_blockwise<float,64>"
     lib = hostdev.load_source("blockwise_no_barrier", text.replace(line, ""), (expr,))
     x = torch.randn(64 * 257)
     codes, absmax = torch.empty(x.shape, dtype=torch.uint8), torch.empty(257)
-    blockwise._check_encoder(True)
     args = (
-        _launch.ptr(x), _launch.ptr(map_boundaries(True)), _launch.ptr(_gpu_encode_table(True, x.device)),
-        _launch.ptr(codes), _launch.ptr(absmax),
+        _launch.ptr(x), _launch.ptr(blockwise._encoder_table(True, x.device)), _launch.ptr(codes), _launch.ptr(absmax),
         np.int64(x.numel()), np.int32(zero_code(True)), np.int32(1), np.int32(1),
     )
     run(lib, expr, 4, 256, *args)  # 4 CTAs striding over 9 steps of 2048 elements

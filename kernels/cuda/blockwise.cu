@@ -12,23 +12,28 @@
 #include "common.cuh"
 #include "state8.cuh"
 
-// state8.cuh's encode() for the values this kernel encodes: finite, |v| < 4 (a value
-// multiplied by its block's reciprocal scale: at most 1 plus rounding), with mid[255] = +Inf.
-// The table's index is the top 16 bits of v: its exponent field (clamped below at LUT_EXP0:
-// every entry of the "tiny" row e == 0 holds the same count, so its mantissa bits need no
-// masking) and top 7 mantissa bits, offset by the sign's half. The walk over the boundaries
-// inside the cell is one test: no cell of either map's table holds two boundaries
-// (kernels/blockwise.py, _check_encoder, proves this over every cell before the first launch).
-__device__ __forceinline__ int encode_unit(const u8* __restrict__ lut, const float* __restrict__ mid, float v) {
+// The encoder of this kernel: state8.cuh's table cells (sign, exponent field LUT_EXP0..128 or
+// "tiny", top 7 mantissa bits; kernels/adam.py _gpu_encode_table) with one 32-bit word per cell
+// (kernels/blockwise.py, _encoder_table): bits 16-23 the code of the cell's lowest value, bits
+// 0-15 q = 0xffff - key(b) for the one boundary b inside the cell (q = 0: none), where key() is
+// the low 16 bits of a value, inverted for negative values (larger key = larger value inside a
+// cell). Adding key(v) carries into the code exactly when v > b: the in-cell walk is an integer
+// add, and the element costs one shared load (state8.cuh's encode() takes two). The values
+// encoded here are finite with |v| < 2, so the exponent needs only the lower clamp (fmaxf of
+// |v| with 2**-25, the tiny row: none of its cells holds a boundary). The unsigned map's table
+// already gives every positive cell at least code 1; +0 (the only value of its tiny row that
+// must stay 0) is taken back by the caller. Returns the word whose byte 2 is the code.
+// kernels/blockwise.py _check_encoder proves this equal to torch.bucketize for every |v| < 4.
+__device__ __forceinline__ unsigned int encode_word(const unsigned int* __restrict__ tab, float v) {
     const unsigned int b = __float_as_uint(v);
-    const unsigned int top = umax((b & 0x7fffffffu) >> 16, LUT_EXP0 << 7);
-    const int c = lut[(int)(top - (LUT_EXP0 << 7)) + (((int)b >> 31) & (LUT_NEXP * 128))];
-    return mid[c] < v ? c + 1 : c;
+    const unsigned int t = __float_as_uint(fmaxf(fabsf(v), 0x1p-25f)) >> 16;
+    const unsigned int sm = (unsigned int)((int)b >> 31);  // all ones for a negative v
+    return tab[t - (LUT_EXP0 << 7) + (sm & (LUT_NEXP * 128))] + ((b ^ sm) & 0xffffu);
 }
 
-// Four codes (0..255) as the bytes of one word, lowest first.
-__device__ __forceinline__ unsigned int pack4(const int* c) {
-    return __byte_perm(__byte_perm(c[0], c[1], 0x3340), __byte_perm(c[2], c[3], 0x3340), 0x5410);
+// The codes (byte 2) of four encode_word results as the bytes of one word, lowest first.
+__device__ __forceinline__ unsigned int pack4_byte2(const unsigned int* w) {
+    return __byte_perm(__byte_perm(w[0], w[1], 0x0062), __byte_perm(w[2], w[3], 0x0062), 0x5410);
 }
 
 // 8 codes packed in `p` (byte i = element i): one 8-byte store when `vec`, else bounds-checked bytes.
@@ -45,8 +50,8 @@ __device__ __forceinline__ void store_packed(u8* __restrict__ dst, i64 base, i64
 // The grid-stride loop of quantize_blockwise for one map (SIGNED: the signed map's rules,
 // else the unsigned one's). A step of the CTA covers CTA * 8 consecutive elements.
 template <typename T, int BLOCK, bool SIGNED>
-__device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const float* __restrict__ smid,
-                                               const u8* __restrict__ slut, u8* __restrict__ codes,
+__device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const unsigned int* __restrict__ stab,
+                                               u8* __restrict__ codes,
                                                float* __restrict__ absmax, const i64 n, const int zero_code,
                                                const bool aligned, unsigned int* swarp) {
     constexpr int TPB = BLOCK / E;  // threads per quantization block
@@ -90,18 +95,16 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const fl
             if ((threadIdx.x & (TPB - 1)) == 0) absmax[base / BLOCK] = a;
             uint2 packed;
             if (ok) {
-                int c[E];
+                unsigned int w[E];
 #pragma unroll
                 for (int i = 0; i < E; ++i) {
                     const float sc = __fmul_rn(v[i], inv);
-                    c[i] = encode_unit(slut, smid, sc);
-                    if (!SIGNED) {  // a positive value never encodes to zero: at least code 1
-                        const int pos = (int)__float_as_uint(sc) > 0;
-                        c[i] = c[i] > pos ? c[i] : pos;
-                    }
+                    w[i] = encode_word(stab, sc);
+                    // unsigned map: +0 (x == +0) keeps code 0; every other positive value the table's >= 1
+                    if (!SIGNED && __float_as_uint(sc) == 0u) w[i] -= 0x10000u;
                 }
-                packed.x = pack4(c);
-                packed.y = pack4(c + 4);
+                packed.x = pack4_byte2(w);
+                packed.y = pack4_byte2(w + 4);
             } else {
                 packed.x = packed.y = (unsigned int)zero_code * 0x01010101u;
             }
@@ -110,34 +113,32 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const fl
     }
 }
 
-// x: n elements; mid: the map's 255 decision boundaries (fp32, sorted); lut: the encoder
-// table of kernels/adam.py (_gpu_encode_table, LUT_SIZE bytes, 16-byte aligned);
-// codes: n bytes; absmax: ceil(n / BLOCK) floats. `aligned` says x is 16-byte aligned;
-// `signed_map` selects the signed map's rules (absmax = the block's extreme value) or the
-// unsigned one's (absmax = the largest magnitude; a positive value never takes code 0).
-// A block holding NaN or +-Inf gets absmax NaN and every code zero_code; a block whose
-// largest magnitude is below 2**-104 gets absmax 0 and every code zero_code.
+// x: n elements; tab: the encoder table of kernels/blockwise.py (_encoder_table: LUT_SIZE
+// words, 16-byte aligned) for the map; codes: n bytes; absmax: ceil(n / BLOCK) floats.
+// `aligned` says x is 16-byte aligned; `signed_map` selects the signed map's rules (absmax =
+// the block's extreme value) or the unsigned one's (absmax = the largest magnitude; a positive
+// value never takes code 0). A block holding NaN or +-Inf gets absmax NaN and every code
+// zero_code; a block whose largest magnitude is below 2**-104 gets absmax 0 and every code
+// zero_code.
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK / E >= 256 ? BLOCK / E : 256)
-quantize_blockwise(const T* __restrict__ x, const float* __restrict__ mid, const u8* __restrict__ lut,
+quantize_blockwise(const T* __restrict__ x, const unsigned int* __restrict__ tab,
                    u8* __restrict__ codes, float* __restrict__ absmax,
                    const i64 n, const int zero_code, const int aligned, const int signed_map) {
     constexpr int TPB = BLOCK / E;
     constexpr int CTA = TPB >= 256 ? TPB : 256;
-    __shared__ float smid[256];
-    __shared__ __align__(16) u8 slut[LUT_SIZE];
+    __shared__ __align__(16) unsigned int stab[LUT_SIZE];  // 27 KB: 8 CTAs of 256 threads fit an SM
     __shared__ unsigned int swarp[2 * (CTA / 32)];
 
-    static_assert(LUT_SIZE % 16 == 0, "the table is copied in 16-byte pieces");
-    for (int i = threadIdx.x; i < LUT_SIZE / 16; i += CTA)
-        reinterpret_cast<uint4*>(slut)[i] = reinterpret_cast<const uint4*>(lut)[i];
-    for (int i = threadIdx.x; i < 256; i += CTA) smid[i] = i < 255 ? mid[i] : __uint_as_float(0x7f800000u);
-    __syncthreads();  // slut and smid are complete
+    static_assert(LUT_SIZE % 4 == 0, "the table is copied in 16-byte pieces");
+    for (int i = threadIdx.x; i < LUT_SIZE / 4; i += CTA)
+        reinterpret_cast<uint4*>(stab)[i] = reinterpret_cast<const uint4*>(tab)[i];
+    __syncthreads();  // stab is complete
 
     if (signed_map)
-        quantize_steps<T, BLOCK, true>(x, smid, slut, codes, absmax, n, zero_code, aligned != 0, swarp);
+        quantize_steps<T, BLOCK, true>(x, stab, codes, absmax, n, zero_code, aligned != 0, swarp);
     else
-        quantize_steps<T, BLOCK, false>(x, smid, slut, codes, absmax, n, zero_code, aligned != 0, swarp);
+        quantize_steps<T, BLOCK, false>(x, stab, codes, absmax, n, zero_code, aligned != 0, swarp);
 }
 
 // codes: n bytes (8-byte aligned when `aligned`); qmap: 256 floats; out: n elements.
