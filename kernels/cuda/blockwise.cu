@@ -57,14 +57,21 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const un
     constexpr int TPB = BLOCK / E;  // threads per quantization block
     constexpr int CTA = TPB >= 256 ? TPB : 256;
     constexpr int STEP = CTA * E;
-    const i64 nsteps = (n + STEP - 1) / STEP;
+    static_assert(STEP % BLOCK == 0, "a step holds whole quantization blocks");
+    // this thread's first element, and the pointers and count of the rest, advanced by the
+    // grid's stride each step (cheaper than recomputing 64-bit offsets from the step index)
+    const i64 first = (i64)blockIdx.x * STEP + (i64)threadIdx.x * E;
+    const i64 stride = (i64)gridDim.x * STEP;
+    const T* xp = x + first;
+    u8* cp = codes + first;
+    float* ap = absmax + first / BLOCK;
+    i64 rem = n - first;  // elements from this thread's first one to the end
     int parity = 0;
-    for (i64 s = blockIdx.x; s < nsteps; s += gridDim.x) {
-        const i64 base = s * STEP + (i64)threadIdx.x * E;
+    for (i64 s0 = (i64)blockIdx.x * STEP; s0 < n; s0 += stride, xp += stride, cp += stride, ap += stride / BLOCK, rem -= stride) {
         // lanes past the end join the block reduction with zeros, then store nothing
-        const bool vec = aligned && base + E <= n;
+        const bool vec = aligned && rem >= E;
         float v[E];
-        load_vals(x, base, n, vec, v);
+        load_vals(xp, 0, rem, vec, v);
         // the block's scale: its extreme value (signed map: reduced as extreme_key) or its
         // largest magnitude (unsigned map: the integer max over |x| bits, NaN the largest)
         unsigned int k = 0;
@@ -88,11 +95,11 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const un
             for (int w = 1; w < WPB; ++w) k = umax(k, sw[w0 + w]);
             parity ^= 1;
         }
-        if (base < n) {
+        if (rem > 0) {
             const float m = SIGNED ? extreme_value(k) : __uint_as_float(k);
             float a, inv;
             const bool ok = block_scale(m, &a, &inv);
-            if ((threadIdx.x & (TPB - 1)) == 0) absmax[base / BLOCK] = a;
+            if ((threadIdx.x & (TPB - 1)) == 0) *ap = a;
             uint2 packed;
             if (ok) {
                 unsigned int w[E];
@@ -108,7 +115,7 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const un
             } else {
                 packed.x = packed.y = (unsigned int)zero_code * 0x01010101u;
             }
-            store_packed(codes, base, n, vec, packed);
+            store_packed(cp, 0, rem, vec, packed);
         }
     }
 }
