@@ -5,7 +5,8 @@ For every kernel instantiation the wrappers launch (``optim8.kernels._launch.SOU
 compiled by the production compile step (``optim8.kernels._nvrtc.compile``, the options of
 ``_launch.NVRTC_OPTIONS``) for sm_90, this reports registers per thread, spills, static
 shared memory, theoretical occupancy at the block size the wrapper launches with, and SASS
-instructions per element on the hot path, and checks the budgets of issue 12.
+instructions per element on the hot path, checks the budgets of issue 12, and predicts the
+blockwise (de)quantizers' fraction of copy bandwidth on an H200 (``copy_fraction``).
 
     python benchmarks/kernel_report.py            # writes benchmarks/results/kernel_report.md
     python benchmarks/kernel_report.py --check    # exit 1 when a budgeted kernel is over budget
@@ -676,6 +677,83 @@ def build(cache_dir: Path | None = None, tensors: int = DEFAULT_TENSORS, explain
     return rows
 
 
+# --------------------------------------------------------------------------- copy-bandwidth model
+
+# The blockwise kernels are streaming: their speed bar (issue 12) is a fraction of a device-to-device
+# copy's bandwidth (benchmarks/bench_blockwise.py measures it). Predicted here from the SASS above,
+# per SM and per element, as the largest of three times (a roofline: the three overlap at best):
+#   memory: bytes per element at the copy's bandwidth, shared by all SMs
+#   issue:  common-path SASS per element / 128 (4 schedulers x 32 lanes issue per clock)
+#   shared: LDS wavefronts per element (one 128-byte wavefront per clock per SM), simulated on the
+#           kernel's own shared-memory addresses for N(0,1) input (the benchmark's), bank conflicts
+#           counted as the most distinct 4-byte words any bank serves per warp-wide LDS
+# predicted fraction = memory / max(memory, issue, shared). The H200's figures: 132 SMs at 1.98 GHz,
+# copy_ at 4.3 TB/s (~90% of 4.8 TB/s HBM3e; the assumption to replace by bench_blockwise.py's
+# measured copy). The model ignores latency: it needs enough bytes in flight (8 CTAs x 8 warps x 32
+# lanes x 16-32 B per SM: 64 KB fp32, 32 KB bf16, against ~26 KB per SM for 4.3 TB/s at ~800 ns).
+H200 = dict(sms=132, clock_hz=1.98e9, copy_bytes_per_s=4.3e12, issue_per_clock=128, wavefronts_per_clock=1.0)
+_ELEM_BYTES = {"float": 4, "f16": 2, "bf16": 2}
+
+
+def _wavefronts(words) -> float:
+    """Mean wavefronts of warp-wide shared loads: ``words [loads, 32]``, the 4-byte word each lane reads."""
+    import torch
+
+    rows = words.shape[0]
+    bank = words % 32
+    key = (torch.arange(rows).repeat_interleave(32) * 32 + bank.reshape(-1)) * (1 << 24) + words.reshape(-1)
+    per_bank = torch.bincount(torch.unique(key) >> 24, minlength=rows * 32).view(rows, 32)
+    return float(per_bank.max(dim=1).values.float().mean())
+
+
+def blockwise_lds_wavefronts(kernel: str, blocksize: int, n: int = 1 << 17) -> float:
+    """Shared-memory wavefronts per element of quantize/dequantize_blockwise (signed map, N(0,1)
+    input): lane l of a warp holds elements 8l..8l+7 of its 256, load i of the warp reads element
+    i of every lane; quantize reads its encoder word (kernels/blockwise.py _encoder_table_cpu,
+    indexed as cuda/blockwise.cu encode_word does), dequantize the map entry of the code."""
+    import torch
+
+    from optim8.kernels.adam import GPU_LUT_EXP0, GPU_LUT_NEXP
+    from optim8.kernels.blockwise import block_scale_reference, quantize_blockwise_reference
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    if kernel == "quantize_blockwise":
+        blocks = x.view(-1, blocksize)
+        a, _ = block_scale_reference(blocks, True)
+        s = (blocks * (1.0 / a)[:, None]).reshape(-1)
+        t = (s.abs().clamp(min=2.0**-25).view(torch.int32).long() & 0xFFFFFFFF) >> 16
+        words = t - (GPU_LUT_EXP0 << 7) + torch.where(s.view(torch.int32) < 0, GPU_LUT_NEXP * 128, 0)
+    else:
+        words = quantize_blockwise_reference(x, blocksize, True)[0].long()
+    per_load = words.view(-1, 32, 8).transpose(1, 2).reshape(-1, 32)
+    return _wavefronts(per_load) / 32
+
+
+def copy_fraction(row: dict, wavefronts: float) -> dict:
+    """The model above for one quantize/dequantize_blockwise row (times in SM clocks per element)."""
+    h = H200
+    bs = int(row["args"][1])
+    nbytes = _ELEM_BYTES[row["args"][0]] + 1 + 4 / bs  # x (or out), the code, the block's absmax
+    mem = nbytes * h["sms"] * h["clock_hz"] / h["copy_bytes_per_s"]
+    issue = row["common_per"] / h["issue_per_clock"]
+    lds = wavefronts / h["wavefronts_per_clock"]
+    worst = max(mem, issue, lds)
+    limiter = "memory" if worst == mem else ("issue" if worst == issue else "shared memory")
+    return dict(bytes=nbytes, mem=mem, issue=issue, lds=lds, fraction=mem / worst, limiter=limiter)
+
+
+def copy_fraction_rows(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(row, model) for every modeled quantize/dequantize_blockwise instantiation."""
+    out, cache = [], {}
+    for r in rows:
+        if r["kernel"] in ("quantize_blockwise", "dequantize_blockwise") and r["common_per"] is not None:
+            key = (r["kernel"], int(r["args"][1]))
+            if key not in cache:
+                cache[key] = blockwise_lds_wavefronts(*key)
+            out.append((r, copy_fraction(r, cache[key])))
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -707,6 +785,28 @@ def markdown(rows: list[dict], tensors: int) -> str:
     for r in rows:
         if r["budget"] is not None:
             out.append(f"| `{r['expr']}` | {_fmt(r['common_per'])} | {r['budget']} | {'pass' if r['ok'] else '**FAIL**'} |")
+    fr = copy_fraction_rows(rows)
+    if fr:
+        h = H200
+        out += [
+            "",
+            "## Predicted fraction of copy bandwidth (blockwise kernels, H200)",
+            "",
+            f"Per element and per SM, in clocks: memory = bytes / ({h['copy_bytes_per_s'] / 1e12:g} TB/s copy bandwidth "
+            f"over {h['sms']} SMs at {h['clock_hz'] / 1e9:g} GHz); issue = SASS/element (common path; quantize: the "
+            f"larger of its two maps) / {h['issue_per_clock']}; shared = LDS wavefronts per element (simulated bank "
+            "conflicts, signed map, N(0,1) input); predicted = memory / max(memory, issue, shared), a roofline: "
+            "the three times overlap at best, so it is an upper bound. See `copy_fraction` in "
+            "`benchmarks/kernel_report.py`; `benchmarks/bench_blockwise.py` measures it (bar: >= 80%).",
+            "",
+            "| kernel | B/elem | memory | issue | shared | predicted | limiter | issue use at 80% of copy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for r, m in fr:
+            out.append(
+                f"| `{r['expr']}` | {m['bytes']:.2f} | {m['mem']:.3f} | {m['issue']:.3f} | {m['lds']:.3f} "
+                f"| {m['fraction']:.0%} | {m['limiter']} | {0.8 * m['issue'] / m['mem']:.0%} |"
+            )
     out += [
         "",
         "## Every instantiation",
@@ -759,6 +859,9 @@ def summary(rows: list[dict]) -> str:
             f"{max(r['ctas'] for r in rs)}  "
             + (f"SASS/{rs[0]['element']} {min(per):.1f}-{max(per):.1f}" if per else "SASS/element: no model (see the table)")
         )
+    for r, m in copy_fraction_rows(rows):
+        if r["args"][1] == "256":
+            lines.append(f"  {r['expr']:<40} predicted {m['fraction']:.0%} of copy bandwidth on an H200 ({m['limiter']}-bound)")
     spills = [r["expr"] for r in rows if r["local"] or r["stack"] or r["spill_ins"]]
     lines.append("  spills: " + (", ".join(spills) if spills else "none"))
     lines.append(f"  budgets: {len(over)} over" + (": " + ", ".join(r["expr"] for r in over) if over else ""))
