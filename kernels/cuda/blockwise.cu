@@ -12,6 +12,11 @@
 #include "common.cuh"
 #include "state8.cuh"
 
+// quantize_blockwise's copy of the table (27 KB: 8 CTAs of 256 threads still fit an SM), at file
+// scope so that the encoder addresses it directly (a pointer to it costs a shared-window
+// address computation per step on sm_90)
+__shared__ __align__(16) unsigned int stab[LUT_SIZE];
+
 // The encoder of this kernel: state8.cuh's table cells (sign, exponent field LUT_EXP0..128 or
 // "tiny", top 7 mantissa bits; kernels/adam.py _gpu_encode_table) with one 32-bit word per cell
 // (kernels/blockwise.py, _encoder_table): bits 16-23 the code of the cell's lowest value, bits
@@ -24,11 +29,11 @@
 // already gives every positive cell at least code 1; +0 (the only value of its tiny row that
 // must stay 0) is taken back by the caller. Returns the word whose byte 2 is the code.
 // kernels/blockwise.py _check_encoder proves this equal to torch.bucketize for every |v| < 4.
-__device__ __forceinline__ unsigned int encode_word(const unsigned int* __restrict__ tab, float v) {
+__device__ __forceinline__ unsigned int encode_word(float v) {
     const unsigned int b = __float_as_uint(v);
     const unsigned int t = __float_as_uint(fmaxf(fabsf(v), 0x1p-25f)) >> 16;
     const unsigned int sm = (unsigned int)((int)b >> 31);  // all ones for a negative v
-    return tab[t - (LUT_EXP0 << 7) + (sm & (LUT_NEXP * 128))] + ((b ^ sm) & 0xffffu);
+    return stab[t - (LUT_EXP0 << 7) + (sm & (LUT_NEXP * 128))] + ((b ^ sm) & 0xffffu);
 }
 
 // The codes (byte 2) of four encode_word results as the bytes of one word, lowest first.
@@ -50,8 +55,7 @@ __device__ __forceinline__ void store_packed(u8* __restrict__ dst, i64 base, i64
 // The grid-stride loop of quantize_blockwise for one map (SIGNED: the signed map's rules,
 // else the unsigned one's). A step of the CTA covers CTA * 8 consecutive elements.
 template <typename T, int BLOCK, bool SIGNED>
-__device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const unsigned int* __restrict__ stab,
-                                               u8* __restrict__ codes,
+__device__ __forceinline__ void quantize_steps(const T* __restrict__ x, u8* __restrict__ codes,
                                                float* __restrict__ absmax, const i64 n, const int zero_code,
                                                const bool aligned, unsigned int* swarp) {
     constexpr int TPB = BLOCK / E;  // threads per quantization block
@@ -106,7 +110,7 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, const un
 #pragma unroll
                 for (int i = 0; i < E; ++i) {
                     const float sc = __fmul_rn(v[i], inv);
-                    w[i] = encode_word(stab, sc);
+                    w[i] = encode_word(sc);
                     // unsigned map: +0 (x == +0) keeps code 0; every other positive value the table's >= 1
                     if (!SIGNED && __float_as_uint(sc) == 0u) w[i] -= 0x10000u;
                 }
@@ -134,7 +138,6 @@ quantize_blockwise(const T* __restrict__ x, const unsigned int* __restrict__ tab
                    const i64 n, const int zero_code, const int aligned, const int signed_map) {
     constexpr int TPB = BLOCK / E;
     constexpr int CTA = TPB >= 256 ? TPB : 256;
-    __shared__ __align__(16) unsigned int stab[LUT_SIZE];  // 27 KB: 8 CTAs of 256 threads fit an SM
     __shared__ unsigned int swarp[2 * (CTA / 32)];
 
     static_assert(LUT_SIZE % 4 == 0, "the table is copied in 16-byte pieces");
@@ -143,9 +146,9 @@ quantize_blockwise(const T* __restrict__ x, const unsigned int* __restrict__ tab
     __syncthreads();  // stab is complete
 
     if (signed_map)
-        quantize_steps<T, BLOCK, true>(x, stab, codes, absmax, n, zero_code, aligned != 0, swarp);
+        quantize_steps<T, BLOCK, true>(x, codes, absmax, n, zero_code, aligned != 0, swarp);
     else
-        quantize_steps<T, BLOCK, false>(x, stab, codes, absmax, n, zero_code, aligned != 0, swarp);
+        quantize_steps<T, BLOCK, false>(x, codes, absmax, n, zero_code, aligned != 0, swarp);
 }
 
 // codes: n bytes (8-byte aligned when `aligned`); qmap: 256 floats; out: n elements.
