@@ -85,7 +85,8 @@ How instructions per element are counted:
   columns, skips it). `--explain EXPR` prints every decision. Divided by the elements
   per lane per iteration (8 for adam_multi: a 256-element chunk per warp).
 * Element, per kernel: adam_multi one parameter; quantize/dequantize_blockwise one element of
-  x; outlier_columns and quantize_rows one element of the activation x; select_outliers one
+  x (their hot loop: the grid-stride loop, 8 elements per lane per step; quantize has one per
+  map, signed and unsigned, and its row counts the larger); outlier_columns and quantize_rows one element of the activation x; select_outliers one
   column flag; gather_outlier_weights and dequantize_rows one weight element; int8_epilogue
   one output element (no outlier columns); gemv_int8 one weight element (per token tile of MT
   tokens: each weight is multiplied by MT tokens).

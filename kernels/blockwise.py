@@ -38,6 +38,12 @@ every code at the zero entry): at or above it every dequantized non-zero value i
 fp32 number, which keeps requantization exact (a product in the subnormal range would lose
 bits).
 
+CUDA kernels (cuda/blockwise.cu): both stride over the tensor with a grid sized to the GPU, 8
+elements per thread and step (16-byte loads and stores of values, 8-byte of codes); the quantizer
+finds codes with a table in shared memory (one 32-bit word per cell of sign, exponent and top 7
+mantissa bits: :func:`_encoder_table_cpu`, proven exact by :func:`_check_encoder`), one shared load
+per element.
+
 Dtypes: fp32, fp16 and bf16 are read natively (converted to fp32 in registers). Other
 dtypes (float64, integers) raise ``TypeError``: convert with ``x.float()`` first.
 Non-contiguous input is accepted and read through a contiguous copy.
