@@ -491,7 +491,7 @@ def parse_expr(expr: str) -> tuple[str, list[str]]:
 def block_size(kernel: str, args: list[str]) -> int:
     """Threads per CTA the wrapper launches ``kernel<args>`` with (kernels/*.py)."""
     if kernel == "quantize_blockwise":
-        return max(int(args[1]) // 8, 256)  # blockwise.py: _quantize_cuda
+        return 1024  # blockwise.py: _quantize_cuda (_QUANTIZE_THREADS)
     if kernel == "select_outliers":
         return 1024  # int8.py: _quantize_activations_cuda
     return 256  # adam.py _step_cuda, blockwise.py _dequantize_cuda, every other int8.py kernel

@@ -224,6 +224,11 @@ def _check_encoder(signed: bool) -> None:
         raise AssertionError(f"the CUDA encoder differs from torch.bucketize (signed={signed}) at {bad}")
 
 
+# quantize_blockwise's threads per CTA (cuda/blockwise.cu, QB_THREADS): 8 elements each, so a CTA
+# step covers 8192 elements; two CTAs per SM hold the GPU's 64 warps with two copies of the table.
+_QUANTIZE_THREADS = 1024
+
+
 def _grid_limit(fn, threads: int, device: torch.device) -> int:
     """CTAs that fit on the GPU at once: the kernels stride over the tensor with this many, so
     each CTA loads its tables into shared memory once."""
@@ -252,7 +257,7 @@ def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch
     fn = _launch.function("blockwise.cu", f"quantize_blockwise<{_CTYPE[x.dtype]},{blocksize}>", x.device, _NAMES)
     table = _encoder_table(signed, x.device)
     assert table.data_ptr() % 16 == 0, "the encoder table is copied to shared memory in 16-byte pieces"
-    cta = max(blocksize // 8, 256)  # threads: 8 elements each, at least one quantization block
+    cta = _QUANTIZE_THREADS
     grid = min(num_blocks(n, cta * 8), _grid_limit(fn, cta, x.device))
     args = (
         _launch.ptr(x),

@@ -12,7 +12,12 @@
 #include "common.cuh"
 #include "state8.cuh"
 
-// quantize_blockwise's copy of the table (27 KB: 8 CTAs of 256 threads still fit an SM), at file
+// quantize_blockwise's threads per CTA: 1024 (two CTAs per SM at <= 32 registers, so two copies of
+// the table per SM and one fill per 8192 elements of a CTA's first step, not eight copies filled
+// per 2048 elements; kernels/blockwise.py launches the same number)
+#define QB_THREADS 1024
+
+// quantize_blockwise's copy of the table (27 KB per CTA), at file
 // scope so that the encoder addresses it directly (a pointer to it costs a shared-window
 // address computation per step on sm_90)
 __shared__ __align__(16) unsigned int stab[LUT_SIZE];
@@ -59,7 +64,7 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, u8* __re
                                                float* __restrict__ absmax, const i64 n, const int zero_code,
                                                const bool aligned, unsigned int* swarp) {
     constexpr int TPB = BLOCK / E;  // threads per quantization block
-    constexpr int CTA = TPB >= 256 ? TPB : 256;
+    constexpr int CTA = QB_THREADS;
     constexpr int STEP = CTA * E;
     static_assert(STEP % BLOCK == 0, "a step holds whole quantization blocks");
     // this thread's first element, and the pointers and count of the rest, advanced by the
@@ -132,13 +137,14 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, u8* __re
 // zero_code; a block whose largest magnitude is below 2**-104 gets absmax 0 and every code
 // zero_code.
 template <typename T, int BLOCK>
-__global__ void __launch_bounds__(BLOCK / E >= 256 ? BLOCK / E : 256)
+__global__ void __launch_bounds__(QB_THREADS, 2)
 quantize_blockwise(const T* __restrict__ x, const unsigned int* __restrict__ tab,
                    u8* __restrict__ codes, float* __restrict__ absmax,
                    const i64 n, const int zero_code, const int aligned, const int signed_map) {
     constexpr int TPB = BLOCK / E;
-    constexpr int CTA = TPB >= 256 ? TPB : 256;
-    __shared__ unsigned int swarp[2 * (CTA / 32)];
+    constexpr int CTA = QB_THREADS;
+    static_assert(TPB <= CTA, "a quantization block lives in one CTA");
+    __shared__ __align__(16) unsigned int swarp[2 * (CTA / 32)];
 
     static_assert(LUT_SIZE % 4 == 0, "the table is copied in 16-byte pieces");
     for (int i = threadIdx.x; i < LUT_SIZE / 4; i += CTA)
