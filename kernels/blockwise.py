@@ -149,7 +149,7 @@ def _encoder_table_cpu(signed: bool) -> torch.Tensor:
     kernels/adam.py's GPU table (sign, exponent field 102..128 or "tiny", top 7 mantissa bits),
     ``code << 16 | q``. ``code``: the code of the cell's lowest value (adam's count of boundaries
     below it); for the unsigned map at least 1 in every positive cell (a positive value never
-    encodes to zero; the kernel takes +0 back). ``q = 0xffff - key(b)`` for the one boundary ``b``
+    encodes to zero; the kernel sends +0 to the negative half, whose codes are 0). ``q = 0xffff - key(b)`` for the one boundary ``b``
     inside the cell, 0 for none: ``key`` is a value's low 16 bits, inverted for negative values,
     so that ``key(v) + q`` carries into the code exactly when ``v > b``. Raises where a cell holds
     two boundaries or the tiny row one (the kernel's encoder could not be exact there)."""
@@ -211,10 +211,10 @@ def _check_encoder(signed: bool) -> None:
     v = v[v.abs() < 4]
     bits = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     t = (torch.clamp(v.abs(), min=2.0**-25).view(torch.int32).to(torch.int64) & 0xFFFFFFFF) >> 16
-    sm = torch.where(bits >> 31 == 1, 0xFFFFFFFF, 0)
+    # the negative half: negative values (the sign bit); for the unsigned map +0 too
+    negative = (bits >> 31 == 1) if signed else ~((bits > 0) & (bits < 1 << 31))
+    sm = torch.where(negative, 0xFFFFFFFF, 0)
     w = table[t - (GPU_LUT_EXP0 << 7) + (sm & (GPU_LUT_NEXP * 128))] + ((bits ^ sm) & 0xFFFF)
-    if not signed:
-        w = w - torch.where(bits == 0, 0x10000, 0)
     c = (w >> 16) & 0xFF
     ref = torch.bucketize(v, mid)
     if not signed:

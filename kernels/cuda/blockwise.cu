@@ -31,13 +31,16 @@ __shared__ __align__(16) unsigned int stab[LUT_SIZE];
 // add, and the element costs one shared load (state8.cuh's encode() takes two). The values
 // encoded here are finite with |v| < 2, so the exponent needs only the lower clamp (fmaxf of
 // |v| with 2**-25, the tiny row: none of its cells holds a boundary). The unsigned map's table
-// already gives every positive cell at least code 1; +0 (the only value of its tiny row that
-// must stay 0) is taken back by the caller. Returns the word whose byte 2 is the code.
+// already gives every positive cell at least code 1, and +0 (the only value of its positive tiny
+// row that must stay 0) is sent to the negative half. Returns the word whose byte 2 is the code.
 // kernels/blockwise.py _check_encoder proves this equal to torch.bucketize for every |v| < 4.
+template <bool SIGNED>
 __device__ __forceinline__ unsigned int encode_word(float v) {
     const unsigned int b = __float_as_uint(v);
     const unsigned int t = __float_as_uint(fmaxf(fabsf(v), 0x1p-25f)) >> 16;
-    const unsigned int sm = (unsigned int)((int)b >> 31);  // all ones for a negative v
+    // all ones: the negative half. The unsigned map sends +0 there too (its tiny row holds code
+    // 0, the positive one code 1: a positive value never encodes to zero, +0 does)
+    const unsigned int sm = SIGNED ? (unsigned int)((int)b >> 31) : ((int)b > 0 ? 0u : ~0u);
     return stab[t - (LUT_EXP0 << 7) + (sm & (LUT_NEXP * 128))] + ((b ^ sm) & 0xffffu);
 }
 
@@ -115,9 +118,7 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, u8* __re
 #pragma unroll
                 for (int i = 0; i < E; ++i) {
                     const float sc = __fmul_rn(v[i], inv);
-                    w[i] = encode_word(sc);
-                    // unsigned map: +0 (x == +0) keeps code 0; every other positive value the table's >= 1
-                    if (!SIGNED && __float_as_uint(sc) == 0u) w[i] -= 0x10000u;
+                    w[i] = encode_word<SIGNED>(sc);
                 }
                 packed.x = pack4_byte2(w);
                 packed.y = pack4_byte2(w + 4);
