@@ -285,7 +285,7 @@ def test_cuda_grid_stride(blocksize, dtype):
     each CTA strides over several steps, its shared block maxima (blocksize > 256) reused
     step after step; blocks of every kind, a NaN one and a tiny one among them."""
     step = 1024 * 8  # a CTA step
-    n = (17 * step if not GPU else 8 << 20) + 5  # a GPU's grid (~1000 CTAs) covers ~2 Mi elements per sweep
+    n = (17 * step if not GPU else 5 << 20) + 5  # a GPU's grid (2 CTAs per SM) covers ~2 Mi elements per sweep
     x = (torch.randn(n) * 10.0 ** torch.randint(-3, 4, (n,)).float()).to(dtype)
     x[blocksize * 5 : blocksize * 6] *= 2.0**-120  # a tiny block
     x[blocksize * 9 + 3] = float("nan")

@@ -78,7 +78,11 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, u8* __re
     u8* cp = codes + first;
     float* ap = absmax + first / BLOCK;
     i64 rem = n - first;  // elements from this thread's first one to the end
-    int parity = 0;
+    // blocks of more than 32 threads: where this warp writes its maximum and where this block's
+    // warps' maxima are read, in the half `half` (0 or CTA / 32) of the double buffer
+    unsigned int* const wmine = swarp + (threadIdx.x >> 5);
+    const unsigned int* const wblock = swarp + (threadIdx.x / TPB) * (TPB / 32);
+    int half = 0;
     for (i64 s0 = (i64)blockIdx.x * STEP; s0 < n; s0 += stride, xp += stride, cp += stride, ap += stride / BLOCK, rem -= stride) {
         // lanes past the end join the block reduction with zeros, then store nothing
         const bool vec = aligned && rem >= E;
@@ -98,14 +102,12 @@ __device__ __forceinline__ void quantize_steps(const T* __restrict__ x, u8* __re
             // every warp has passed this step's barrier, i.e. has read the other half
             constexpr int WPB = TPB / 32;
             k = group_umax<32>(k);
-            unsigned int* sw = swarp + parity * (CTA / 32);
-            if ((threadIdx.x & 31) == 0) sw[threadIdx.x >> 5] = k;
+            if ((threadIdx.x & 31) == 0) wmine[half] = k;
             __syncthreads();
-            const int w0 = (threadIdx.x / TPB) * WPB;  // this block's first warp
-            k = sw[w0];
+            k = wblock[half];
 #pragma unroll
-            for (int w = 1; w < WPB; ++w) k = umax(k, sw[w0 + w]);
-            parity ^= 1;
+            for (int w = 1; w < WPB; ++w) k = umax(k, wblock[half + w]);
+            half ^= CTA / 32;
         }
         if (rem > 0) {
             const float m = SIGNED ? extreme_value(k) : __uint_as_float(k);
