@@ -5,7 +5,8 @@ For every kernel instantiation the wrappers launch (``optim8.kernels._launch.SOU
 compiled by the production compile step (``optim8.kernels._nvrtc.compile``, the options of
 ``_launch.NVRTC_OPTIONS``) for sm_90, this reports registers per thread, spills, static
 shared memory, theoretical occupancy at the block size the wrapper launches with, and SASS
-instructions per element on the hot path, and checks the budgets of issue 12.
+instructions per element on the hot path, checks the budgets of issue 12, and predicts the
+blockwise (de)quantizers' fraction of copy bandwidth on an H200 (``copy_fraction``).
 
     python benchmarks/kernel_report.py            # writes benchmarks/results/kernel_report.md
     python benchmarks/kernel_report.py --check    # exit 1 when a budgeted kernel is over budget
@@ -84,7 +85,8 @@ How instructions per element are counted:
   columns, skips it). `--explain EXPR` prints every decision. Divided by the elements
   per lane per iteration (8 for adam_multi: a 256-element chunk per warp).
 * Element, per kernel: adam_multi one parameter; quantize/dequantize_blockwise one element of
-  x; outlier_columns and quantize_rows one element of the activation x; select_outliers one
+  x (their hot loop: the grid-stride loop, 8 elements per lane per step; quantize has one per
+  map, signed and unsigned, and its row counts the larger); outlier_columns and quantize_rows one element of the activation x; select_outliers one
   column flag; gather_outlier_weights and dequantize_rows one weight element; int8_epilogue
   one output element (no outlier columns); gemv_int8 one weight element (per token tile of MT
   tokens: each weight is multiplied by MT tokens).
@@ -489,7 +491,7 @@ def parse_expr(expr: str) -> tuple[str, list[str]]:
 def block_size(kernel: str, args: list[str]) -> int:
     """Threads per CTA the wrapper launches ``kernel<args>`` with (kernels/*.py)."""
     if kernel == "quantize_blockwise":
-        return max(int(args[1]) // 8, 256)  # blockwise.py: _quantize_cuda
+        return 1024  # blockwise.py: _quantize_cuda (_QUANTIZE_THREADS)
     if kernel == "select_outliers":
         return 1024  # int8.py: _quantize_activations_cuda
     return 256  # adam.py _step_cuda, blockwise.py _dequantize_cuda, every other int8.py kernel
@@ -538,9 +540,25 @@ def analyze(kernel: str, args: list[str], fn: Function, tensors: int, explain: b
         common, decisions = w.count, w.decisions
         where = "grid-stride loop (one chunk)"
     elif kernel in ("quantize_blockwise", "dequantize_blockwise"):
-        per_iter = 8
-        static = len(body_all)
-        where = "whole body (no loop; the smid/smap fill included)"
+        # the grid-stride loops: the outermost loops holding the vectorized access (16-byte
+        # loads of x; 8-byte loads of 8 codes). quantize_blockwise has one per map (the map is
+        # a launch argument; the signed loop is the one with extreme_key's rotate, SHF.L.W):
+        # the row's common path is the larger of the two, both are named in `where`
+        per_iter = 8  # elements per lane per step
+        vec = (r"LDG\.E\.128", r"STG\.E\.64") if kernel == "quantize_blockwise" else (r"LDG\.E\.64", r"STG")
+        outer = [lp for lp in ls if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in ls)]
+        hot_loops = [lp for lp in outer if all(_stream_count(span(lp), p) for p in vec)]
+        if not hot_loops:
+            raise RuntimeError(f"{kernel}: no grid-stride loop with a vectorized access")
+        walks = {lp: common_path(fn, lp[0], lp[1], tensors, explain) for lp in hot_loops}
+        worst = max(hot_loops, key=lambda lp: walks[lp].count)
+        static = max(len(span(lp)) for lp in hot_loops)
+        common, decisions = walks[worst].count, walks[worst].decisions
+        if kernel == "quantize_blockwise":
+            per_map = {("signed" if _stream_count(span(lp), r"SHF\.L\.W") else "unsigned"): walks[lp].count / per_iter for lp in hot_loops}
+            where = "grid-stride loop, 8 elem/lane (common path: " + ", ".join(f"{k} map {v:.1f}" for k, v in sorted(per_map.items())) + ")"
+        else:
+            where = "grid-stride loop, 8 elem/lane"
     elif kernel == "gemv_int8":
         mt, r = int(args[1]), int(args[2])
         hot = max(ls, key=lambda lp: lp[1] - lp[0])  # the loop over K tiles of 512
@@ -660,6 +678,83 @@ def build(cache_dir: Path | None = None, tensors: int = DEFAULT_TENSORS, explain
     return rows
 
 
+# --------------------------------------------------------------------------- copy-bandwidth model
+
+# The blockwise kernels are streaming: their speed bar (issue 12) is a fraction of a device-to-device
+# copy's bandwidth (benchmarks/bench_blockwise.py measures it). Predicted here from the SASS above,
+# per SM and per element, as the largest of three times (a roofline: the three overlap at best):
+#   memory: bytes per element at the copy's bandwidth, shared by all SMs
+#   issue:  common-path SASS per element / 128 (4 schedulers x 32 lanes issue per clock)
+#   shared: LDS wavefronts per element (one 128-byte wavefront per clock per SM), simulated on the
+#           kernel's own shared-memory addresses for N(0,1) input (the benchmark's), bank conflicts
+#           counted as the most distinct 4-byte words any bank serves per warp-wide LDS
+# predicted fraction = memory / max(memory, issue, shared). The H200's figures: 132 SMs at 1.98 GHz,
+# copy_ at 4.3 TB/s (~90% of 4.8 TB/s HBM3e; the assumption to replace by bench_blockwise.py's
+# measured copy). The model ignores latency: it needs enough bytes in flight (8 CTAs x 8 warps x 32
+# lanes x 16-32 B per SM: 64 KB fp32, 32 KB bf16, against ~26 KB per SM for 4.3 TB/s at ~800 ns).
+H200 = dict(sms=132, clock_hz=1.98e9, copy_bytes_per_s=4.3e12, issue_per_clock=128, wavefronts_per_clock=1.0)
+_ELEM_BYTES = {"float": 4, "f16": 2, "bf16": 2}
+
+
+def _wavefronts(words) -> float:
+    """Mean wavefronts of warp-wide shared loads: ``words [loads, 32]``, the 4-byte word each lane reads."""
+    import torch
+
+    rows = words.shape[0]
+    bank = words % 32
+    key = (torch.arange(rows).repeat_interleave(32) * 32 + bank.reshape(-1)) * (1 << 24) + words.reshape(-1)
+    per_bank = torch.bincount(torch.unique(key) >> 24, minlength=rows * 32).view(rows, 32)
+    return float(per_bank.max(dim=1).values.float().mean())
+
+
+def blockwise_lds_wavefronts(kernel: str, blocksize: int, n: int = 1 << 17) -> float:
+    """Shared-memory wavefronts per element of quantize/dequantize_blockwise (signed map, N(0,1)
+    input): lane l of a warp holds elements 8l..8l+7 of its 256, load i of the warp reads element
+    i of every lane; quantize reads its encoder word (kernels/blockwise.py _encoder_table_cpu,
+    indexed as cuda/blockwise.cu encode_word does), dequantize the map entry of the code."""
+    import torch
+
+    from optim8.kernels.adam import GPU_LUT_EXP0, GPU_LUT_NEXP
+    from optim8.kernels.blockwise import block_scale_reference, quantize_blockwise_reference
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    if kernel == "quantize_blockwise":
+        blocks = x.view(-1, blocksize)
+        a, _ = block_scale_reference(blocks, True)
+        s = (blocks * (1.0 / a)[:, None]).reshape(-1)
+        t = (s.abs().clamp(min=2.0**-25).view(torch.int32).long() & 0xFFFFFFFF) >> 16
+        words = t - (GPU_LUT_EXP0 << 7) + torch.where(s.view(torch.int32) < 0, GPU_LUT_NEXP * 128, 0)
+    else:
+        words = quantize_blockwise_reference(x, blocksize, True)[0].long()
+    per_load = words.view(-1, 32, 8).transpose(1, 2).reshape(-1, 32)
+    return _wavefronts(per_load) / 32
+
+
+def copy_fraction(row: dict, wavefronts: float) -> dict:
+    """The model above for one quantize/dequantize_blockwise row (times in SM clocks per element)."""
+    h = H200
+    bs = int(row["args"][1])
+    nbytes = _ELEM_BYTES[row["args"][0]] + 1 + 4 / bs  # x (or out), the code, the block's absmax
+    mem = nbytes * h["sms"] * h["clock_hz"] / h["copy_bytes_per_s"]
+    issue = row["common_per"] / h["issue_per_clock"]
+    lds = wavefronts / h["wavefronts_per_clock"]
+    worst = max(mem, issue, lds)
+    limiter = "memory" if worst == mem else ("issue" if worst == issue else "shared memory")
+    return dict(bytes=nbytes, mem=mem, issue=issue, lds=lds, fraction=mem / worst, limiter=limiter)
+
+
+def copy_fraction_rows(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(row, model) for every modeled quantize/dequantize_blockwise instantiation."""
+    out, cache = [], {}
+    for r in rows:
+        if r["kernel"] in ("quantize_blockwise", "dequantize_blockwise") and r["common_per"] is not None:
+            key = (r["kernel"], int(r["args"][1]))
+            if key not in cache:
+                cache[key] = blockwise_lds_wavefronts(*key)
+            out.append((r, copy_fraction(r, cache[key])))
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -691,6 +786,28 @@ def markdown(rows: list[dict], tensors: int) -> str:
     for r in rows:
         if r["budget"] is not None:
             out.append(f"| `{r['expr']}` | {_fmt(r['common_per'])} | {r['budget']} | {'pass' if r['ok'] else '**FAIL**'} |")
+    fr = copy_fraction_rows(rows)
+    if fr:
+        h = H200
+        out += [
+            "",
+            "## Predicted fraction of copy bandwidth (blockwise kernels, H200)",
+            "",
+            f"Per element and per SM, in clocks: memory = bytes / ({h['copy_bytes_per_s'] / 1e12:g} TB/s copy bandwidth "
+            f"over {h['sms']} SMs at {h['clock_hz'] / 1e9:g} GHz); issue = SASS/element (common path; quantize: the "
+            f"larger of its two maps) / {h['issue_per_clock']}; shared = LDS wavefronts per element (simulated bank "
+            "conflicts, signed map, N(0,1) input); predicted = memory / max(memory, issue, shared), a roofline: "
+            "the three times overlap at best, so it is an upper bound. See `copy_fraction` in "
+            "`benchmarks/kernel_report.py`; `benchmarks/bench_blockwise.py` measures it (bar: >= 80%).",
+            "",
+            "| kernel | B/elem | memory | issue | shared | predicted | limiter | issue use at 80% of copy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for r, m in fr:
+            out.append(
+                f"| `{r['expr']}` | {m['bytes']:.2f} | {m['mem']:.3f} | {m['issue']:.3f} | {m['lds']:.3f} "
+                f"| {m['fraction']:.0%} | {m['limiter']} | {0.8 * m['issue'] / m['mem']:.0%} |"
+            )
     out += [
         "",
         "## Every instantiation",
@@ -743,6 +860,9 @@ def summary(rows: list[dict]) -> str:
             f"{max(r['ctas'] for r in rs)}  "
             + (f"SASS/{rs[0]['element']} {min(per):.1f}-{max(per):.1f}" if per else "SASS/element: no model (see the table)")
         )
+    for r, m in copy_fraction_rows(rows):
+        if r["args"][1] == "256":
+            lines.append(f"  {r['expr']:<40} predicted {m['fraction']:.0%} of copy bandwidth on an H200 ({m['limiter']}-bound)")
     spills = [r["expr"] for r in rows if r["local"] or r["stack"] or r["spill_ins"]]
     lines.append("  spills: " + (", ".join(spills) if spills else "none"))
     lines.append(f"  budgets: {len(over)} over" + (": " + ", ".join(r["expr"] for r in over) if over else ""))

@@ -38,12 +38,20 @@ every code at the zero entry): at or above it every dequantized non-zero value i
 fp32 number, which keeps requantization exact (a product in the subnormal range would lose
 bits).
 
+CUDA kernels (cuda/blockwise.cu): both stride over the tensor with a grid sized to the GPU, 8
+elements per thread and step (16-byte loads and stores of values, 8-byte of codes); the quantizer
+finds codes with a table in shared memory (one 32-bit word per cell of sign, exponent and top 7
+mantissa bits: :func:`_encoder_table_cpu`, proven exact by :func:`_check_encoder`), one shared load
+per element.
+
 Dtypes: fp32, fp16 and bf16 are read natively (converted to fp32 in registers). Other
 dtypes (float64, integers) raise ``TypeError``: convert with ``x.float()`` first.
 Non-contiguous input is accepted and read through a contiguous copy.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -131,6 +139,102 @@ def dequantize_blockwise_reference(
 # fake tensors for meta-device models and torch.compile.
 
 
+def _to_f32(bits: torch.Tensor) -> torch.Tensor:
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
+@functools.cache
+def _encoder_table_cpu(signed: bool) -> torch.Tensor:
+    """The CUDA quantizer's encoder table (cuda/blockwise.cu, ``encode_word``): one int32 per cell of
+    kernels/adam.py's GPU table (sign, exponent field 102..128 or "tiny", top 7 mantissa bits),
+    ``code << 16 | q``. ``code``: the code of the cell's lowest value (adam's count of boundaries
+    below it); for the unsigned map at least 1 in every positive cell (a positive value never
+    encodes to zero; the kernel sends +0 to the negative half, whose codes are 0). ``q = 0xffff - key(b)`` for the one boundary ``b``
+    inside the cell, 0 for none: ``key`` is a value's low 16 bits, inverted for negative values,
+    so that ``key(v) + q`` carries into the code exactly when ``v > b``. Raises where a cell holds
+    two boundaries or the tiny row one (the kernel's encoder could not be exact there)."""
+    from .adam import GPU_LUT_EXP0, GPU_LUT_NEXP, _gpu_encode_table_cpu
+
+    count = _gpu_encode_table_cpu(signed).long().view(2, GPU_LUT_NEXP, 128)
+    mid = map_boundaries(signed, "cpu")
+    sgn = torch.arange(2).view(2, 1, 1)
+    e = torch.arange(GPU_LUT_NEXP).view(1, -1, 1)
+    field = (e + GPU_LUT_EXP0) << 23 | torch.arange(128).view(1, 1, -1) << 16
+    # each cell's largest value: positive, its top; negative, its member nearest zero
+    tiny_top = ((GPU_LUT_EXP0 + 1) << 23) - 1
+    high = torch.where(sgn == 0, torch.where(e == 0, tiny_top, field | 0xFFFF), 1 << 31 | torch.where(e == 0, 0, field))
+    inside = torch.bucketize(_to_f32(high), mid) - count  # boundaries in [lowest, largest) of the cell
+    if int(inside.max()) > 1 or int(inside[:, 0].max()) > 0:
+        raise AssertionError(f"the CUDA encoder table of the {'signed' if signed else 'unsigned'} map needs two boundary tests in a cell")
+    b = mid.view(torch.int32).to(torch.int64)[count.clamp(max=254)] & 0xFFFF
+    key = torch.where(sgn == 0, b, 0xFFFF - b)
+    q = torch.where(inside == 1, 0xFFFF - key, 0)
+    code = count
+    if not signed:  # every positive value takes at least code 1: no boundary test below that
+        low1 = (sgn == 0) & (count == 0)
+        code = torch.where(low1, 1, code)
+        q = torch.where(low1, 0, q)
+    return (code << 16 | q).to(torch.int32).reshape(-1)
+
+
+def _encoder_table(signed: bool, device: torch.device) -> torch.Tensor:
+    key = (signed, device)
+    t = _encoder_tables.get(key)
+    if t is None:
+        _check_encoder(signed)
+        t = _encoder_tables[key] = _encoder_table_cpu(signed).to(device)
+    return t
+
+
+_encoder_tables: dict[tuple, torch.Tensor] = {}
+
+
+@functools.cache
+def _check_encoder(signed: bool) -> None:
+    """Prove that the CUDA encoder (``encode_word`` in cuda/blockwise.cu with its table,
+    :func:`_encoder_table_cpu`) computes ``torch.bucketize`` (with the unsigned map's "positive
+    values take at least code 1") for every fp32 value ``|v| < 4``, the values it encodes: the
+    kernel's integer arithmetic mirrored here. Both are step functions of ``v``, constant between
+    consecutive critical values (both ends of every table cell, every boundary and the float
+    just above it, the zeros, the smallest subnormals), so they agree everywhere when they agree
+    on those. Checked once per map, on the CPU, before the first launch."""
+    from .adam import GPU_LUT_EXP0, GPU_LUT_NEXP
+
+    table = _encoder_table_cpu(signed).long() & 0xFFFFFFFF
+    mid = map_boundaries(signed, "cpu")
+    top = torch.arange(1 << 16, dtype=torch.int64)
+    top = top[((top >> 7) & 0xFF) <= 128]  # exponent field <= 128: |v| < 4
+    ends = _to_f32(torch.cat([top << 16, top << 16 | 0xFFFF]))
+    tiny = float(np.nextafter(np.float32(0), np.float32(1)))
+    zero = torch.tensor([0.0, -0.0, tiny, -tiny])
+    v = torch.cat([ends, mid, torch.nextafter(mid, torch.tensor(float("inf"))), zero])
+    v = v[v.abs() < 4]
+    bits = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    t = (torch.clamp(v.abs(), min=2.0**-25).view(torch.int32).to(torch.int64) & 0xFFFFFFFF) >> 16
+    # the negative half: negative values (the sign bit); for the unsigned map +0 too
+    negative = (bits >> 31 == 1) if signed else ~((bits > 0) & (bits < 1 << 31))
+    sm = torch.where(negative, 0xFFFFFFFF, 0)
+    w = table[t - (GPU_LUT_EXP0 << 7) + (sm & (GPU_LUT_NEXP * 128))] + ((bits ^ sm) & 0xFFFF)
+    c = (w >> 16) & 0xFF
+    ref = torch.bucketize(v, mid)
+    if not signed:
+        ref = torch.where((v > 0) & (ref == 0), 1, ref)
+    if not torch.equal(c, ref):
+        bad = v[c != ref][:4].tolist()
+        raise AssertionError(f"the CUDA encoder differs from torch.bucketize (signed={signed}) at {bad}")
+
+
+# quantize_blockwise's threads per CTA (cuda/blockwise.cu, QB_THREADS): 8 elements each, so a CTA
+# step covers 8192 elements; two CTAs per SM hold the GPU's 64 warps with two copies of the table.
+_QUANTIZE_THREADS = 1024
+
+
+def _grid_limit(fn, threads: int, device: torch.device) -> int:
+    """CTAs that fit on the GPU at once: the kernels stride over the tensor with this many, so
+    each CTA loads its tables into shared memory once."""
+    return _launch.sm_count(device) * _launch.ctas_per_sm(fn, threads, device)
+
+
 @torch.library.custom_op("optim8::quantize_blockwise", mutates_args=())
 def _quantize_op(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_blockwise_reference(x, blocksize, signed)
@@ -151,13 +255,13 @@ def _quantize_cuda(x: torch.Tensor, blocksize: int, signed: bool) -> tuple[torch
     if n == 0:
         return codes, absmax
     fn = _launch.function("blockwise.cu", f"quantize_blockwise<{_CTYPE[x.dtype]},{blocksize}>", x.device, _NAMES)
-    threads_per_block = blocksize // 8
-    cta = max(threads_per_block, 256)
-    per_cta = cta // threads_per_block
-    grid = num_blocks(absmax.numel(), per_cta)
+    table = _encoder_table(signed, x.device)
+    assert table.data_ptr() % 16 == 0, "the encoder table is copied to shared memory in 16-byte pieces"
+    cta = _QUANTIZE_THREADS
+    grid = min(num_blocks(n, cta * 8), _grid_limit(fn, cta, x.device))
     args = (
         _launch.ptr(x),
-        _launch.ptr(map_boundaries(signed, x.device)),
+        _launch.ptr(table),
         _launch.ptr(codes),
         _launch.ptr(absmax),
         np.int64(n),
@@ -198,7 +302,7 @@ def _dequantize_cuda(codes, absmax, blocksize, signed, dtype):
         np.int64(n),
         np.int32(codes.data_ptr() % 8 == 0),
     )
-    _launch.launch(fn, num_blocks(n, 256 * 8), 256, args, codes.device)
+    _launch.launch(fn, min(num_blocks(n, 256 * 8), _grid_limit(fn, 256, codes.device)), 256, args, codes.device)
     return out
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 # script -> the number of SUMMARY lines it prints
-BENCHMARKS = {"bench_optim.py": 4, "bench_blockwise.py": 2, "bench_linear8bit.py": 3, "bench_linear8bit_cpu.py": 2}
+BENCHMARKS = {"bench_optim.py": 4, "bench_blockwise.py": 4, "bench_linear8bit.py": 3, "bench_linear8bit_cpu.py": 2}
 REPORTS = {"bench_optim.py": "optim.md", "bench_blockwise.py": "blockwise.md", "bench_linear8bit.py": "linear8bit.md", "bench_linear8bit_cpu.py": "cpu_linear8bit.md"}
 
 

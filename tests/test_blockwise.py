@@ -278,6 +278,38 @@ def test_cuda_every_blocksize(blocksize, dtype, signed):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("blocksize", [64, 512, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_grid_stride(blocksize, dtype):
+    """More steps than the grid has CTAs (the host device fits 16; a GPU, every SM's worth):
+    each CTA strides over several steps, its shared block maxima (blocksize > 256) reused
+    step after step; blocks of every kind, a NaN one and a tiny one among them."""
+    step = 1024 * 8  # a CTA step
+    n = (17 * step if not GPU else 5 << 20) + 5  # a GPU's grid (2 CTAs per SM) covers ~2 Mi elements per sweep
+    x = (torch.randn(n) * 10.0 ** torch.randint(-3, 4, (n,)).float()).to(dtype)
+    x[blocksize * 5 : blocksize * 6] *= 2.0**-120  # a tiny block
+    x[blocksize * 9 + 3] = float("nan")
+    for signed in (True, False):
+        xs = x if signed else x.abs()
+        with reference():
+            codes_ref, absmax_ref = quantize_blockwise(xs, blocksize=blocksize, signed=signed)
+            y_ref = dequantize_blockwise(codes_ref, absmax_ref, blocksize=blocksize, signed=signed, dtype=dtype)
+        codes, absmax = quantize_blockwise(xs.to(DEV), blocksize=blocksize, signed=signed)
+        torch.testing.assert_close(absmax.cpu(), absmax_ref, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(codes.cpu(), codes_ref)
+        y = dequantize_blockwise(codes, absmax, blocksize=blocksize, signed=signed, dtype=dtype)
+        torch.testing.assert_close(y.cpu(), y_ref, equal_nan=True, rtol=0, atol=0)
+
+
+def test_cuda_encoder_needs_one_boundary_test():
+    """The CUDA encoder's proof of exactness (cuda/blockwise.cu, encode_word, and its table) holds for both maps."""
+    from optim8.kernels import blockwise
+
+    for signed in (True, False):
+        blockwise._check_encoder.__wrapped__(signed)
+
+
+@pytest.mark.cuda
 def test_cuda_misaligned_views_and_nonfinite():
     base = torch.randn(10_001, device=DEV)
     x = base[3:]  # storage offset: not 16-byte aligned

@@ -73,6 +73,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(_launch, "launch", rec.launch)
     monkeypatch.setattr(_launch, "int_mm", lambda a, b_t: torch.zeros(a.shape[0], b_t.shape[1], dtype=torch.int32))
     monkeypatch.setattr(adam, "_grid_limit", lambda fn, device: 132 * 4)
+    monkeypatch.setattr(blockwise, "_grid_limit", lambda fn, threads, device: 132 * 8)
     monkeypatch.setattr(adam, "_table", lambda device, rows, starts: torch.tensor([x for r in rows for x in r] + starts))
     monkeypatch.setattr(int8, "_sm_count", lambda device: 132)
     monkeypatch.setattr(int8, "_functions", {})  # never leave a fake in the real launch cache

@@ -190,9 +190,9 @@ def test_sanitizer_build_runs_a_correct_kernel_clean():
 def test_removing_a_barrier_from_a_real_kernel_is_caught():
     """blockwise.cu without the barrier after its shared-memory table load: wrong codes, seen."""
     from optim8.kernels import blockwise
-    from optim8.kernels.quant_map import map_boundaries, zero_code
+    from optim8.kernels.quant_map import zero_code
 
-    line = "        __syncthreads();  // smid is complete"
+    line = "    __syncthreads();  // stab is complete"
     text = _launch.source("blockwise.cu")
     assert line in text
     expr = "quantize_blockwise<float,64>"
@@ -200,9 +200,9 @@ def test_removing_a_barrier_from_a_real_kernel_is_caught():
     x = torch.randn(64 * 257)
     codes, absmax = torch.empty(x.shape, dtype=torch.uint8), torch.empty(257)
     args = (
-        _launch.ptr(x), _launch.ptr(map_boundaries(True)), _launch.ptr(codes), _launch.ptr(absmax),
+        _launch.ptr(x), _launch.ptr(blockwise._encoder_table(True, x.device)), _launch.ptr(codes), _launch.ptr(absmax),
         np.int64(x.numel()), np.int32(zero_code(True)), np.int32(1), np.int32(1),
     )
-    run(lib, expr, (257 + 31) // 32, 256, *args)
+    run(lib, expr, 2, 1024, *args)  # 2 CTAs striding over 3 steps of 8192 elements
     expected, _ = blockwise.quantize_blockwise_reference(x, 64, True)
     assert not torch.equal(codes, expected)

@@ -71,3 +71,22 @@ def test_markdown(rows):
     for r in rows:
         assert f"`{r['expr']}`" in text
     assert "## Budgets" in text
+
+
+def test_bank_conflict_count():
+    import torch
+
+    same = torch.zeros(1, 32, dtype=torch.long)  # one word: a broadcast
+    spread = torch.arange(32).view(1, 32)  # one word per bank
+    one_bank = (torch.arange(32) * 32).view(1, 32)  # 32 words in bank 0
+    assert kr._wavefronts(same) == 1 and kr._wavefronts(spread) == 1 and kr._wavefronts(one_bank) == 32
+    assert kr._wavefronts(torch.cat([spread, one_bank])) == 16.5
+
+
+def test_blockwise_copy_fraction(rows):
+    fr = kr.copy_fraction_rows(rows)
+    assert len(fr) == 2 * 3 * 7  # quantize and dequantize, 3 dtypes, 7 blocksizes
+    for r, m in fr:
+        assert 0 < m["fraction"] <= 1 and m["limiter"] in ("memory", "issue", "shared memory"), r["expr"]
+        assert 1 / 32 <= m["lds"] <= 8 / 32, r["expr"]  # wavefronts per element: 1 to 8 per warp-wide load
+        assert m["bytes"] == pytest.approx({"float": 5, "f16": 3, "bf16": 3}[r["args"][0]] + 4 / int(r["args"][1]))
