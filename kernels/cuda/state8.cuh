@@ -58,6 +58,37 @@ __device__ __forceinline__ void store_vals(T* __restrict__ dst, i64 base, i64 n,
     }
 }
 
+// The tensors' pointers come from the launch table as integers, so they are generic pointers;
+// ptxas proves them global (LDG/STG) in simple code but not around inline PTX (store8_param),
+// where it falls back to generic LD/ST. This tells it.
+#if defined(OPTIM8_HOST_DEVICE)
+#define ASSUME_GLOBAL(ptr) ((void)0)
+#else
+#define ASSUME_GLOBAL(ptr) __builtin_assume(__isGlobal(ptr))
+#endif
+
+// store8 for the parameter update: bf16 through the hardware's round-to-nearest-even pair
+// conversion (cvt.rn.bf16x2.f32, the same bits as from_float<bf16> for every value but NaN)
+// unless a value is NaN (then from_float's NaN); other types: store8.
+template <typename T>
+__device__ __forceinline__ void store8_param(T* __restrict__ p, const float* v) { store8(p, v); }
+#if !defined(OPTIM8_HOST_DEVICE)
+template <>
+__device__ __forceinline__ void store8_param<bf16>(bf16* __restrict__ p, const float* v) {
+    bool nan = false;
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) nan |= (v[i] != v[i]) | (v[i + 1] != v[i + 1]);
+    if (nan) {
+        store8(p, v);
+        return;
+    }
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(v[2 * i + 1]), "f"(v[2 * i]));
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+#endif
+
 // Quantize this lane's 8 values with the block scale shared by the TPB lanes of its
 // quantization block; same algorithm as kernels/blockwise.py (SIGNED: the signed map's
 // rules, else the unsigned map's). Returns the block's stored absmax.
@@ -85,6 +116,82 @@ __device__ __forceinline__ float quantize8(const u8* __restrict__ lut, const flo
             c[i] = encode(lut, mid, s);
             if (!SIGNED && c[i] == 0 && s > 0.0f) c[i] = 1;  // a positive v never encodes to zero
         }
+    }
+    return a;
+}
+
+// ---------------------------------------------------------------- the packed encoder
+// torch.bucketize(s, mid) (the unsigned map: raised to 1 for s > 0) with one shared-memory
+// read and no loop, for a value s normalized by its block scale (|s| < 1 + 2**-21: s is x
+// times the correctly rounded reciprocal of the block's largest magnitude). The tables are
+// kernels/adam.py's _gpu_packed_table: one 8-byte entry per cell (the top 16 bits of s, cells
+// of magnitude ENC_*_LO .. 1.0, smaller magnitudes clamped into the first cell). The boundary
+// inside a cell (at most one) shares the cell's top 16 bits, so the entry needs only its low 16.
+#define ENC_S_KEY0 0x3480  // first cell of the signed map: 2**-22
+#define ENC_U_KEY0 0x3400  // first cell of the unsigned map: 2**-23
+#define ENC_KEY_LAST 0x3f80  // 1.0's cell
+#define ENC_S_CELLS (ENC_KEY_LAST - ENC_S_KEY0 + 1)
+#define ENC_U_CELLS (ENC_KEY_LAST - ENC_U_KEY0 + 1)
+
+// Signed map: entry .x for s >= +0, .y for s <= -0 (by the sign bit): the count of boundaries
+// below the cell (bits 0-7) and the low 16 bits of the boundary B inside it (bits 16-31; a
+// value no member exceeds when none is). Returns the code in bits 0-7 (bits 8-31: garbage).
+__device__ __forceinline__ unsigned int encode_signed(const int2* __restrict__ enc, float s) {
+    const unsigned int b = __float_as_uint(s);
+    const float r = fmaxf(fabsf(s), __uint_as_float((unsigned int)ENC_S_KEY0 << 16));
+    const int2 e = enc[(__float_as_uint(r) >> 16) - ENC_S_KEY0];
+    const unsigned int t = (int)b < 0 ? (unsigned int)e.y : (unsigned int)e.x;
+    const float bound = __uint_as_float(__byte_perm(t, b, 0x7632));  // s's top 16 bits, B's low 16
+    return t + (s > bound ? 1u : 0u);
+}
+
+// Unsigned map (s >= 0; a negative s takes code 0, as bucketize gives it): entry .x the code of
+// the cell's members up to the boundary inside it, .y the mask of B = (bits(s) | 0xffff) & .y:
+// the boundary, all ones (B >= s: no boundary inside), or 0 in the first cell (it holds 0 and
+// the clamped tiny values: code (s > 0)). Returns the code (0..255).
+__device__ __forceinline__ unsigned int encode_unsigned(const int2* __restrict__ enc, float s) {
+    const unsigned int b = __float_as_uint(s);
+    const float r = fmaxf(s, __uint_as_float((unsigned int)ENC_U_KEY0 << 16));
+    const int2 e = enc[(__float_as_uint(r) >> 16) - ENC_U_KEY0];
+    const float bound = __uint_as_float((b | 0xffffu) & (unsigned int)e.y);
+    return (unsigned int)e.x + (s > bound ? 1u : 0u);
+}
+
+// Byte 0 of each of 4 words, packed (little-endian).
+__device__ __forceinline__ unsigned int pack4(unsigned int a, unsigned int b, unsigned int c, unsigned int d) {
+    return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+}
+
+// Byte i of w, zero-extended.
+__device__ __forceinline__ unsigned int byte_of(unsigned int w, int i) {
+    return __byte_perm(w, 0u, 0x4440u | (unsigned int)i);
+}
+
+// The lane's key of the signed map's block scale (extreme_key) and of the unsigned map's
+// (the magnitude's bits: NaN above +Inf above every finite value).
+__device__ __forceinline__ unsigned int magnitude_key(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+// quantize8 with the packed encoder: codes of this lane's 8 values under the block scale made
+// from `key` (this lane's key, reduced here over the TPB lanes of its block), packed 4 a word.
+// Returns the block's stored absmax.
+template <int TPB, bool SIGNED>
+__device__ __forceinline__ float quantize8_packed(const int2* __restrict__ enc, const float* x, unsigned int key, int zero, uint2* packed) {
+    key = group_umax<TPB>(key);
+    const float m = SIGNED ? extreme_value(key) : __uint_as_float(key);
+    float a, inv;
+    if (!block_scale(m, &a, &inv)) {  // NaN/Inf (only from corrupt old state) or a tiny block
+        const unsigned int z = (unsigned int)zero * 0x01010101u;
+        packed->x = z;
+        packed->y = z;
+    } else {
+        unsigned int c[E];
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+            const float s = __fmul_rn(x[i], inv);
+            c[i] = SIGNED ? encode_signed(enc, s) : encode_unsigned(enc, s);
+        }
+        packed->x = pack4(c[0], c[1], c[2], c[3]);
+        packed->y = pack4(c[4], c[5], c[6], c[7]);
     }
     return a;
 }
