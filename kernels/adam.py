@@ -420,6 +420,7 @@ def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: i
 _ZERO_SIGNED, _ZERO_UNSIGNED = zero_code(True), zero_code(False)
 # The launch table: 8 int64 per tensor (p, g, m, v, m_absmax, v_absmax, n, aligned), then chunk prefix sums.
 _CHUNK = 256  # elements per warp iteration: 32 lanes x 8
+_ROW_ELEMENTS = 1 << 30  # elements per table row at most (a multiple of _CHUNK)
 _tables: dict[tuple, torch.Tensor] = {}
 _TABLE_CACHE_SIZE = 32
 
@@ -558,15 +559,21 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
         if not g.is_contiguous():
             g = g.contiguous()  # kept alive through grads[i] until the launch
             grads[i] = g
-        n = p.numel()
         ptrs = (p.data_ptr(), g.data_ptr(), ms[i].data_ptr(), vs[i].data_ptr())
         aligned = int(all(x % 16 == 0 for x in ptrs[:2]) and all(x % 8 == 0 for x in ptrs[2:]))
-        if state8:
-            rows.append(ptrs + (mas[i].data_ptr(), vas[i].data_ptr(), n, aligned))
-        else:
-            rows.append(ptrs + (0, 0, n, int(aligned and all(x % 16 == 0 for x in ptrs))))
-        starts.append(total)
-        total += (n + _CHUNK - 1) // _CHUNK
+        if not state8:
+            aligned = int(aligned and all(x % 16 == 0 for x in ptrs))
+        absmax = (mas[i].data_ptr(), vas[i].data_ptr()) if state8 else (0, 0)
+        # a row per _ROW_ELEMENTS (the kernel's offsets within a row are 32-bit): pointers
+        # advanced by whole chunks, so blocks and alignment carry over
+        sizes = (p.element_size(), g.element_size(), 1 if state8 else 4, 1 if state8 else 4)
+        for start in range(0, max(p.numel(), 1), _ROW_ELEMENTS):
+            n = min(p.numel() - start, _ROW_ELEMENTS)
+            row = tuple(x + start * e for x, e in zip(ptrs, sizes))
+            row += tuple(x + start // blocksize * 4 if x else 0 for x in absmax)
+            rows.append(row + (n, aligned))
+            starts.append(total)
+            total += (n + _CHUNK - 1) // _CHUNK
     starts.append(total)
     if total == 0:
         return
@@ -578,7 +585,7 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
     grid = min((total + warps_per_cta - 1) // warps_per_cta, _grid_limit(fn, device))
     args = (
         _launch.ptr(table),
-        np.int32(len(params)),
+        np.int32(len(rows)),
         np.int64(total),
         _launch.ptr(map_on(True, device)),
         _launch.ptr(map_on(False, device)),

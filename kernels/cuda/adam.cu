@@ -74,38 +74,63 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         ASSUME_GLOBAL(ma);
         ASSUME_GLOBAL(va);
 
-        for (; chunk < end; chunk += warps) {
-            const i64 base = (chunk - first) * CHUNK + (i64)lane * E;
+        // The warp's chunks of this tensor (a row holds at most 2**30 elements: kernels/adam.py
+        // _ROW_ELEMENTS, so offsets are 32-bit): cbase, the first element of the chunk, steps by
+        // `warps` chunks; this lane's elements start lane * E further (the pointers below).
+        const unsigned int lo = (unsigned int)lane * E;
+        const unsigned int stride = (unsigned int)warps * CHUNK;
+        const unsigned int climit = (unsigned int)(end - first) * CHUNK;
+        const unsigned int nn = (unsigned int)n;
+        const int vlimit = aligned ? (int)nn - E - (int)lo : -1;  // vectorized: cbase <= vlimit
+        unsigned int cbase = (unsigned int)(chunk - first) * CHUNK;
+        // this lane's pointers into the current chunk, advanced with it
+        T* pl = p + lo + cbase;
+        const T* gl = g + lo + cbase;
+        u8* mcl = mc + lo + cbase;
+        u8* vcl = vc + lo + cbase;
+        float* mfl = mf + lo + cbase;
+        float* vfl = vf + lo + cbase;
+        float* mal = ma + (lo + cbase) / BLOCK;  // a lane never straddles two blocks: BLOCK % 8 == 0
+        float* val = va + (lo + cbase) / BLOCK;
+        for (; cbase < climit; cbase += stride, pl += stride, gl += stride, mcl += STATE8 ? stride : 0, vcl += STATE8 ? stride : 0,
+                               mfl += STATE8 ? 0 : stride, vfl += STATE8 ? 0 : stride,
+                               mal += STATE8 ? stride / BLOCK : 0, val += STATE8 ? stride / BLOCK : 0) {
+            const unsigned int base = cbase + lo;
+            constexpr unsigned int q = 0;
             // lanes past the end still join the block reduction (with zeros), then store nothing
-            const bool vec = aligned && base + E <= n;
+            const bool vec = (int)cbase <= vlimit;
 
             float pv[E], gv[E], m[E], v[E];
+            uint2 cmw = make_uint2(0u, 0u), cvw = make_uint2(0u, 0u);  // the old codes (STATE8)
+            float am = 0.0f, av = 0.0f;
             if (vec) {
-                load8(p + base, pv);
-                load8(g + base, gv);
+                load8_param(pl, pv);
+                load8_param(gl, gv);
                 if (STATE8) {
-                    const uint2 cm = *reinterpret_cast<const uint2*>(mc + base);
-                    const uint2 cv = *reinterpret_cast<const uint2*>(vc + base);
-                    const float am = ma[base / BLOCK];  // a lane never straddles two blocks
-                    const float av = va[base / BLOCK];
+                    cmw = *reinterpret_cast<const uint2*>(mcl);
+                    cvw = *reinterpret_cast<const uint2*>(vcl);
+                    am = mal[q];
+                    av = val[q];
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
-                        m[i] = __fmul_rn(smap1[byte_of(i < 4 ? cm.x : cm.y, i & 3)], am);
-                        v[i] = __fmul_rn(smap2[byte_of(i < 4 ? cv.x : cv.y, i & 3)], av);
+                        m[i] = __fmul_rn(smap1[byte_of(i < 4 ? cmw.x : cmw.y, i & 3)], am);
+                        v[i] = __fmul_rn(smap2[byte_of(i < 4 ? cvw.x : cvw.y, i & 3)], av);
                     }
                 } else {
-                    load8(mf + base, m);
-                    load8(vf + base, v);
+                    load8(mfl, m);
+                    load8(vfl, v);
                 }
             } else {
                 load_vals(p, base, n, false, pv);
                 load_vals(g, base, n, false, gv);
                 if (STATE8) {
-                    const float am = base < n ? ma[base / BLOCK] : 0.0f;
-                    const float av = base < n ? va[base / BLOCK] : 0.0f;
+                    am = base < n ? mal[q] : 0.0f;
+                    av = base < n ? val[q] : 0.0f;
                     int cm[E], cv[E];
                     load_codes(mc, base, n, false, cm);
                     load_codes(vc, base, n, false, cv);
+                    cmw = make_uint2(pack4(cm[0], cm[1], cm[2], cm[3]), pack4(cm[4], cm[5], cm[6], cm[7]));
+                    cvw = make_uint2(pack4(cv[0], cv[1], cv[2], cv[3]), pack4(cv[4], cv[5], cv[6], cv[7]));
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
                         // past the end: exact zeros, as the reference pads (code 0 of the signed
@@ -134,35 +159,37 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
             }
 
             if (STATE8) {
-                // this lane's keys of the new block scales; a non-finite m' or v' shows in them
-                unsigned int km = 0, kv = 0;
-#pragma unroll
-                for (int i = 0; i < E; ++i) {
-                    km = umax(km, extreme_key(m1[i]));
-                    kv = umax(kv, magnitude_key(v1[i]));
-                }
-                if (!(finite(__uint_as_float(km >> 1)) && finite(__uint_as_float(kv)))) {
-                    // rare: an element whose m' or v' is not finite keeps p, m and v
-                    km = 0;
-                    kv = 0;
+                // this lane's keys of the new block scales (state8.cuh lane_keys); a
+                // non-finite (or negative) m' or v' shows in them
+                unsigned int km, kv;
+                if (!lane_keys(m1, v1, &km, &kv)) {
+                    // rare: an element whose m' or v' is not finite keeps p, m and v (read
+                    // again: p is still in memory, m and v are the codes and scales above)
+                    float p0[E];
+                    load_vals(p, base, n, vec, p0);
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
                         if (!(finite(m1[i]) && finite(v1[i]))) {
-                            p1[i] = pv[i];
-                            m1[i] = m[i];
-                            v1[i] = v[i];
+                            const bool in = base + i < n;
+                            p1[i] = p0[i];
+                            m1[i] = in ? __fmul_rn(smap1[byte_of(i < 4 ? cmw.x : cmw.y, i & 3)], am) : 0.0f;
+                            // + 0: a -0 (from a -0 scale) as +0, the same codes and scale
+                            v1[i] = in ? __fadd_rn(__fmul_rn(smap2[byte_of(i < 4 ? cvw.x : cvw.y, i & 3)], av), 0.0f) : 0.0f;
                         }
-                        km = umax(km, extreme_key(m1[i]));
-                        kv = umax(kv, magnitude_key(v1[i]));
                     }
+                    lane_keys_general(m1, v1, &km, &kv);
                 }
-                if (vec) store8_param(p + base, p1); else store_vals(p, base, n, false, p1);
+                if (vec) store8_param(pl, p1); else store_vals(p, base, n, false, p1);
                 uint2 cm, cv;
                 const float am = quantize8_packed<TPB, true>(senc1, m1, km, zero1, &cm);
                 const float av = quantize8_packed<TPB, false>(senc2, v1, kv, zero2, &cv);
                 if (vec) {
-                    *reinterpret_cast<uint2*>(mc + base) = cm;
-                    *reinterpret_cast<uint2*>(vc + base) = cv;
+                    *reinterpret_cast<uint2*>(mcl) = cm;
+                    *reinterpret_cast<uint2*>(vcl) = cv;
+                    if ((lane & (TPB - 1)) == 0) {
+                        mal[q] = am;
+                        val[q] = av;
+                    }
                 } else {
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
@@ -171,10 +198,10 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                             vc[base + i] = (u8)byte_of(i < 4 ? cv.x : cv.y, i & 3);
                         }
                     }
-                }
-                if (base < n && (lane & (TPB - 1)) == 0) {
-                    ma[base / BLOCK] = am;
-                    va[base / BLOCK] = av;
+                    if (base < n && (lane & (TPB - 1)) == 0) {
+                        mal[q] = am;
+                        val[q] = av;
+                    }
                 }
             } else {
 #pragma unroll
@@ -189,5 +216,6 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                 store_vals(vf, base, n, vec, v1);
             }
         }
+        chunk = first + (i64)(cbase / CHUNK);
     }
 }

@@ -133,6 +133,17 @@ __device__ __forceinline__ float quantize8(const u8* __restrict__ lut, const flo
 #define ENC_S_CELLS (ENC_KEY_LAST - ENC_S_KEY0 + 1)
 #define ENC_U_CELLS (ENC_KEY_LAST - ENC_U_KEY0 + 1)
 
+// All ones when a > b, else 0 (a NaN: 0): one FSET where the compiler would select.
+__device__ __forceinline__ unsigned int gt_mask(float a, float b) {
+#if defined(OPTIM8_HOST_DEVICE)
+    return a > b ? 0xffffffffu : 0u;
+#else
+    unsigned int r;
+    asm("set.gt.u32.f32 %0, %1, %2;" : "=r"(r) : "f"(a), "f"(b));
+    return r;
+#endif
+}
+
 // Signed map: entry .x for s >= +0, .y for s <= -0 (by the sign bit): the count of boundaries
 // below the cell (bits 0-7) and the low 16 bits of the boundary B inside it (bits 16-31; a
 // value no member exceeds when none is). Returns the code in bits 0-7 (bits 8-31: garbage).
@@ -142,10 +153,11 @@ __device__ __forceinline__ unsigned int encode_signed(const int2* __restrict__ e
     const int2 e = enc[(__float_as_uint(r) >> 16) - ENC_S_KEY0];
     const unsigned int t = (int)b < 0 ? (unsigned int)e.y : (unsigned int)e.x;
     const float bound = __uint_as_float(__byte_perm(t, b, 0x7632));  // s's top 16 bits, B's low 16
-    return t + (s > bound ? 1u : 0u);
+    return t - gt_mask(s, bound);
 }
 
-// Unsigned map (s >= 0; a negative s takes code 0, as bucketize gives it): entry .x the code of
+// Unsigned map (s >= +0 or below -0, never -0 itself; a negative s takes code 0, as bucketize
+// gives it): entry .x the code of
 // the cell's members up to the boundary inside it, .y the mask of B = (bits(s) | 0xffff) & .y:
 // the boundary, all ones (B >= s: no boundary inside), or 0 in the first cell (it holds 0 and
 // the clamped tiny values: code (s > 0)). Returns the code (0..255).
@@ -153,8 +165,10 @@ __device__ __forceinline__ unsigned int encode_unsigned(const int2* __restrict__
     const unsigned int b = __float_as_uint(s);
     const float r = fmaxf(s, __uint_as_float((unsigned int)ENC_U_KEY0 << 16));
     const int2 e = enc[(__float_as_uint(r) >> 16) - ENC_U_KEY0];
-    const float bound = __uint_as_float((b | 0xffffu) & (unsigned int)e.y);
-    return (unsigned int)e.x + (s > bound ? 1u : 0u);
+    const unsigned int bound = (b | 0xffffu) & (unsigned int)e.y;
+    // s > B: for s >= +0 (B >= +0 too) the bits compare as the values; a negative s (below
+    // -0) stays at 0 (its cell is the first, B = 0, and 0 - b has its sign bit clear)
+    return (unsigned int)e.x + ((bound - b) >> 31);
 }
 
 // Byte 0 of each of 4 words, packed (little-endian).
@@ -170,6 +184,58 @@ __device__ __forceinline__ unsigned int byte_of(unsigned int w, int i) {
 // The lane's key of the signed map's block scale (extreme_key) and of the unsigned map's
 // (the magnitude's bits: NaN above +Inf above every finite value).
 __device__ __forceinline__ unsigned int magnitude_key(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+// This lane's keys of its blocks' new scales (quantize8_packed), for m' (the signed map:
+// extreme_key's order) and v' (the unsigned map: magnitude_key's), in the common case: every
+// m' finite and every v' finite and not negative (v' = v * beta2 + g * g * (1 - beta2) is
+// never -0 or below 0, unless the old state was). Returns false when that is not so (then
+// use lane_keys_general on the values kept). v' >= 0: its bits order as its values; m': the
+// signed maximum of its bits is its largest positive value (if any), the unsigned maximum its
+// negative value of largest magnitude (if any); the larger key of the two is the lane's.
+__device__ __forceinline__ bool lane_keys(const float* m, const float* v, unsigned int* km, unsigned int* kv) {
+    int pmax = __float_as_int(m[0]);
+    unsigned int nmax = __float_as_uint(m[0]), vmax = __float_as_uint(v[0]);
+#pragma unroll
+    for (int i = 1; i < E; ++i) {
+        pmax = pmax > __float_as_int(m[i]) ? pmax : __float_as_int(m[i]);
+        nmax = umax(nmax, __float_as_uint(m[i]));
+        vmax = umax(vmax, __float_as_uint(v[i]));
+    }
+    const float pf = __int_as_float(pmax), nf = __uint_as_float(nmax);
+    *km = umax(extreme_key(pf), extreme_key(nf));
+    *kv = vmax;
+    // One finite test for all: +Inf/NaN show in pf (or nf), -Inf/-NaN in nf, a NaN or Inf v'
+    // in vmax, a negative v' (or -0) as its sign bit, turned into NaN here. pf - nf is finite
+    // otherwise (|pf| + |nf| at most; an overflow only sends the lane to the general path).
+    const float vf = __int_as_float((int)vmax >> 31 | (int)vmax);
+    return finite(__fadd_rn(__fsub_rn(pf, nf), vf));
+}
+
+// The keys of any values (NaN above Inf above every finite value, as kernels/blockwise.py).
+__device__ __forceinline__ void lane_keys_general(const float* m, const float* v, unsigned int* km, unsigned int* kv) {
+    unsigned int a = 0, b = 0;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+        a = umax(a, extreme_key(m[i]));
+        b = umax(b, magnitude_key(v[i]));
+    }
+    *km = a;
+    *kv = b;
+}
+
+// load8 for the parameters and gradients (bf16: each half of a word by one instruction).
+template <typename T>
+__device__ __forceinline__ void load8_param(const T* __restrict__ p, float* v) { load8(p, v); }
+template <>
+__device__ __forceinline__ void load8_param<bf16>(const bf16* __restrict__ p, float* v) {
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const unsigned int u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(u[i] << 16);
+        v[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+}
 
 // quantize8 with the packed encoder: codes of this lane's 8 values under the block scale made
 // from `key` (this lane's key, reduced here over the TPB lanes of its block), packed 4 a word.
