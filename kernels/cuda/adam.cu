@@ -20,7 +20,7 @@
 #include "state8.cuh"
 
 template <typename T, bool STATE8, bool DECOUPLED, int BLOCK>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 3)
 adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
            const float* __restrict__ qmap1, const float* __restrict__ qmap2,
            const int* __restrict__ enc1, const int* __restrict__ enc2,
@@ -81,7 +81,9 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         const unsigned int stride = (unsigned int)warps * CHUNK;
         const unsigned int climit = (unsigned int)(end - first) * CHUNK;
         const unsigned int nn = (unsigned int)n;
-        const int vlimit = aligned ? (int)nn - E - (int)lo : -1;  // vectorized: cbase <= vlimit
+        // vectorized: the whole chunk in bounds (warp-uniform; a tensor's last, partial chunk
+        // takes the bounds-checked path)
+        const unsigned int vend = aligned ? nn & ~(unsigned int)(CHUNK - 1) : 0u;
         unsigned int cbase = (unsigned int)(chunk - first) * CHUNK;
         // this lane's pointers into the current chunk, advanced with it
         T* pl = p + lo + cbase;
@@ -98,7 +100,7 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
             const unsigned int base = cbase + lo;
             constexpr unsigned int q = 0;
             // lanes past the end still join the block reduction (with zeros), then store nothing
-            const bool vec = (int)cbase <= vlimit;
+            const bool vec = cbase < vend;
 
             float pv[E], gv[E], m[E], v[E];
             uint2 cmw = make_uint2(0u, 0u), cvw = make_uint2(0u, 0u);  // the old codes (STATE8)
@@ -153,8 +155,14 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                 if (!DECOUPLED) gi = __fadd_rn(gi, __fmul_rn(pv[i], weight_decay));
                 m1[i] = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, omb1));
                 v1[i] = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), omb2));
+            }
+            float den[E];
+#pragma unroll
+            for (int i = 0; i < E; ++i) den[i] = __fsqrt_rn(v1[i]);
+#pragma unroll
+            for (int i = 0; i < E; ++i) {
                 const float pd = DECOUPLED ? __fmul_rn(pv[i], decay) : pv[i];
-                const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v1[i]), inv_bc2_sqrt), eps);
+                const float denom = __fadd_rn(__fmul_rn(den[i], inv_bc2_sqrt), eps);
                 p1[i] = __fsub_rn(pd, __fdiv_rn(__fmul_rn(m1[i], step_size), denom));
             }
 
@@ -179,11 +187,11 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                     }
                     lane_keys_general(m1, v1, &km, &kv);
                 }
-                if (vec) store8_param(pl, p1); else store_vals(p, base, n, false, p1);
                 uint2 cm, cv;
                 const float am = quantize8_packed<TPB, true>(senc1, m1, km, zero1, &cm);
                 const float av = quantize8_packed<TPB, false>(senc2, v1, kv, zero2, &cv);
                 if (vec) {
+                    store8_param(pl, p1);
                     *reinterpret_cast<uint2*>(mcl) = cm;
                     *reinterpret_cast<uint2*>(vcl) = cv;
                     if ((lane & (TPB - 1)) == 0) {
@@ -191,6 +199,7 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                         val[q] = av;
                     }
                 } else {
+                    store_vals(p, base, n, false, p1);
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
                         if (base + i < n) {
