@@ -418,7 +418,7 @@ def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: i
 # ---------------------------------------------------------------------------- CUDA
 
 _ZERO_SIGNED, _ZERO_UNSIGNED = zero_code(True), zero_code(False)
-# The launch table: 8 int64 per tensor (p, g, m, v, m_absmax, v_absmax, n, aligned), then chunk prefix sums.
+# The launch table: 8 int64 per row (p, g, m, v, m_absmax, v_absmax, n, vend), then chunk prefix sums.
 _CHUNK = 256  # elements per warp iteration: 32 lanes x 8
 _ROW_ELEMENTS = 1 << 30  # elements per table row at most (a multiple of _CHUNK)
 _tables: dict[tuple, torch.Tensor] = {}
@@ -571,7 +571,7 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
             n = min(p.numel() - start, _ROW_ELEMENTS)
             row = tuple(x + start * e for x, e in zip(ptrs, sizes))
             row += tuple(x + start // blocksize * 4 if x else 0 for x in absmax)
-            rows.append(row + (n, aligned))
+            rows.append(row + (n, n - n % _CHUNK if aligned else 0))  # vend: whole chunks, vectorized
             starts.append(total)
             total += (n + _CHUNK - 1) // _CHUNK
     starts.append(total)
@@ -587,6 +587,7 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
         _launch.ptr(table),
         np.int32(len(rows)),
         np.int64(total),
+        np.int32(grid * warps_per_cta * _CHUNK),  # stride: elements between a warp's chunks
         _launch.ptr(map_on(True, device)),
         _launch.ptr(map_on(False, device)),
         _launch.ptr(_gpu_packed_table(True, device)),

@@ -4,7 +4,8 @@
 // so both compute the same bits.
 //
 // One launch covers every tensor of a step. `table` holds, per tensor, 8 int64:
-// p, g, m, v, m_absmax, v_absmax (pointers), n, aligned; then ntensors + 1 prefix sums of
+// p, g, m, v, m_absmax, v_absmax (pointers), n, vend (n rounded down to whole chunks when
+// the pointers are aligned for vector accesses, else 0); then ntensors + 1 prefix sums of
 // the tensors' chunk counts. A chunk is 256 consecutive elements of one tensor: one warp
 // iteration, 8 elements per lane. Warps stride over all chunks in increasing order (the grid
 // is sized to the GPU), so each warp carries its tensor: the outer loop finds the tensor of
@@ -19,9 +20,11 @@
 #include "common.cuh"
 #include "state8.cuh"
 
+template <bool B> struct BoolConst { static constexpr bool value = B; };
+
 template <typename T, bool STATE8, bool DECOUPLED, int BLOCK>
 __global__ void __launch_bounds__(256, 3)
-adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
+adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks, const int stride_,
            const float* __restrict__ qmap1, const float* __restrict__ qmap2,
            const int* __restrict__ enc1, const int* __restrict__ enc2,
            const int zero1, const int zero2,
@@ -43,7 +46,9 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
     }
     const i64* starts = table + (i64)ntensors * 8;
     const int lane = threadIdx.x & 31;
-    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
+    // elements between a warp's chunks: CHUNK times every warp of the grid (gridDim.x * blockDim.x / 32)
+    const unsigned int stride = (unsigned int)stride_;
+    const i64 warps = stride / CHUNK;
     i64 chunk = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = 0;
 
@@ -59,7 +64,7 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         T* p = reinterpret_cast<T*>(row[0]);
         const T* g = reinterpret_cast<const T*>(row[1]);
         const i64 n = row[6];
-        const bool aligned = row[7] != 0;
+        const unsigned int vend = (unsigned int)row[7];
         const i64 first = starts[t], end = starts[t + 1];
         u8* mc = reinterpret_cast<u8*>(row[2]);
         u8* vc = reinterpret_cast<u8*>(row[3]);
@@ -78,12 +83,10 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         // _ROW_ELEMENTS, so offsets are 32-bit): cbase, the first element of the chunk, steps by
         // `warps` chunks; this lane's elements start lane * E further (the pointers below).
         const unsigned int lo = (unsigned int)lane * E;
-        const unsigned int stride = (unsigned int)warps * CHUNK;
         const unsigned int climit = (unsigned int)(end - first) * CHUNK;
         const unsigned int nn = (unsigned int)n;
-        // vectorized: the whole chunk in bounds (warp-uniform; a tensor's last, partial chunk
-        // takes the bounds-checked path)
-        const unsigned int vend = aligned ? nn & ~(unsigned int)(CHUNK - 1) : 0u;
+        // vectorized: the whole chunk in bounds (cbase < vend: warp-uniform; a tensor's last,
+        // partial chunk takes the bounds-checked path) and the tensor's pointers aligned
         unsigned int cbase = (unsigned int)(chunk - first) * CHUNK;
         // this lane's pointers into the current chunk, advanced with it
         T* pl = p + lo + cbase;
@@ -97,10 +100,13 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
         for (; cbase < climit; cbase += stride, pl += stride, gl += stride, mcl += STATE8 ? stride : 0, vcl += STATE8 ? stride : 0,
                                mfl += STATE8 ? 0 : stride, vfl += STATE8 ? 0 : stride,
                                mal += STATE8 ? stride / BLOCK : 0, val += STATE8 ? stride / BLOCK : 0) {
-            const unsigned int base = cbase + lo;
+          // one copy of the chunk's work per path: vectorized (vec) or bounds-checked
+          auto work = [&](auto path) {
+            constexpr bool vec = decltype(path)::value;
+            // this lane's elements left in the tensor (the bounds-checked path; may be <= 0;
+            // lanes past the end still join the block reduction with zeros, then store nothing)
+            const i64 rem = vec ? (i64)E : (i64)nn - (i64)(cbase + lo);
             constexpr unsigned int q = 0;
-            // lanes past the end still join the block reduction (with zeros), then store nothing
-            const bool vec = cbase < vend;
 
             float pv[E], gv[E], m[E], v[E];
             uint2 cmw = make_uint2(0u, 0u), cvw = make_uint2(0u, 0u);  // the old codes (STATE8)
@@ -123,27 +129,27 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                     load8(vfl, v);
                 }
             } else {
-                load_vals(p, base, n, false, pv);
-                load_vals(g, base, n, false, gv);
+                load_vals(pl, 0, rem, false, pv);
+                load_vals(gl, 0, rem, false, gv);
                 if (STATE8) {
-                    am = base < n ? mal[q] : 0.0f;
-                    av = base < n ? val[q] : 0.0f;
+                    am = rem > 0 ? mal[q] : 0.0f;
+                    av = rem > 0 ? val[q] : 0.0f;
                     int cm[E], cv[E];
-                    load_codes(mc, base, n, false, cm);
-                    load_codes(vc, base, n, false, cv);
+                    load_codes(mcl, 0, rem, false, cm);
+                    load_codes(vcl, 0, rem, false, cv);
                     cmw = make_uint2(pack4(cm[0], cm[1], cm[2], cm[3]), pack4(cm[4], cm[5], cm[6], cm[7]));
                     cvw = make_uint2(pack4(cv[0], cv[1], cv[2], cv[3]), pack4(cv[4], cv[5], cv[6], cv[7]));
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
                         // past the end: exact zeros, as the reference pads (code 0 of the signed
                         // map is -0.993, which would leak into the last block's new absmax)
-                        const bool in = base + i < n;
+                        const bool in = i < rem;
                         m[i] = in ? __fmul_rn(smap1[cm[i]], am) : 0.0f;
                         v[i] = in ? __fmul_rn(smap2[cv[i]], av) : 0.0f;
                     }
                 } else {
-                    load_vals(mf, base, n, false, m);
-                    load_vals(vf, base, n, false, v);
+                    load_vals(mfl, 0, rem, false, m);
+                    load_vals(vfl, 0, rem, false, v);
                 }
             }
 
@@ -174,11 +180,11 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                     // rare: an element whose m' or v' is not finite keeps p, m and v (read
                     // again: p is still in memory, m and v are the codes and scales above)
                     float p0[E];
-                    load_vals(p, base, n, vec, p0);
+                    load_vals(pl, 0, rem, vec, p0);
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
                         if (!(finite(m1[i]) && finite(v1[i]))) {
-                            const bool in = base + i < n;
+                            const bool in = i < rem;
                             p1[i] = p0[i];
                             m1[i] = in ? __fmul_rn(smap1[byte_of(i < 4 ? cmw.x : cmw.y, i & 3)], am) : 0.0f;
                             // + 0: a -0 (from a -0 scale) as +0, the same codes and scale
@@ -199,15 +205,15 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                         val[q] = av;
                     }
                 } else {
-                    store_vals(p, base, n, false, p1);
+                    store_vals(pl, 0, rem, false, p1);
 #pragma unroll
                     for (int i = 0; i < E; ++i) {
-                        if (base + i < n) {
-                            mc[base + i] = (u8)byte_of(i < 4 ? cm.x : cm.y, i & 3);
-                            vc[base + i] = (u8)byte_of(i < 4 ? cv.x : cv.y, i & 3);
+                        if (i < rem) {
+                            mcl[i] = (u8)byte_of(i < 4 ? cm.x : cm.y, i & 3);
+                            vcl[i] = (u8)byte_of(i < 4 ? cv.x : cv.y, i & 3);
                         }
                     }
-                    if (base < n && (lane & (TPB - 1)) == 0) {
+                    if (rem > 0 && (lane & (TPB - 1)) == 0) {
                         mal[q] = am;
                         val[q] = av;
                     }
@@ -220,10 +226,12 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                     m1[i] = ok ? m1[i] : m[i];
                     v1[i] = ok ? v1[i] : v[i];
                 }
-                store_vals(p, base, n, vec, p1);
-                store_vals(mf, base, n, vec, m1);
-                store_vals(vf, base, n, vec, v1);
+                store_vals(pl, 0, rem, vec, p1);
+                store_vals(mfl, 0, rem, vec, m1);
+                store_vals(vfl, 0, rem, vec, v1);
             }
+          };
+            if (cbase < vend) work(BoolConst<true>()); else work(BoolConst<false>());
         }
         chunk = first + (i64)(cbase / CHUNK);
     }
