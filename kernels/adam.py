@@ -592,8 +592,8 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
         _launch.ptr(map_on(False, device)),
         _launch.ptr(_gpu_packed_table(True, device)),
         _launch.ptr(_gpu_packed_table(False, device)),
-        np.int32(_ZERO_SIGNED),
-        np.int32(_ZERO_UNSIGNED),
+        np.uint32(_ZERO_SIGNED * 0x01010101).view(np.int32),  # the zero code in each byte
+        np.uint32(_ZERO_UNSIGNED * 0x01010101).view(np.int32),
         np.float32(s.beta1),
         np.float32(s.one_minus_beta1),
         np.float32(s.beta2),

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(256, 3)
 adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks, const int stride_,
            const float* __restrict__ qmap1, const float* __restrict__ qmap2,
            const int* __restrict__ enc1, const int* __restrict__ enc2,
-           const int zero1, const int zero2,
+           const int zero1, const int zero2,  // the maps' zero codes, in each byte of the int
            const float beta1, const float omb1, const float beta2, const float omb2,
            const float eps, const float step_size, const float inv_bc2_sqrt,
            const float decay, const float weight_decay) {
@@ -194,16 +194,15 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
                     lane_keys_general(m1, v1, &km, &kv);
                 }
                 uint2 cm, cv;
-                const float am = quantize8_packed<TPB, true>(senc1, m1, km, zero1, &cm);
-                const float av = quantize8_packed<TPB, false>(senc2, v1, kv, zero2, &cv);
+                const float am = quantize8_packed<TPB, true>(senc1, m1, km, (unsigned int)zero1, &cm);
+                const float av = quantize8_packed<TPB, false>(senc2, v1, kv, (unsigned int)zero2, &cv);
                 if (vec) {
                     store8_param(pl, p1);
                     *reinterpret_cast<uint2*>(mcl) = cm;
                     *reinterpret_cast<uint2*>(vcl) = cv;
-                    if ((lane & (TPB - 1)) == 0) {
-                        mal[q] = am;
-                        val[q] = av;
-                    }
+                    // every lane of a block holds its absmax (the butterfly): all store it
+                    mal[q] = am;
+                    val[q] = av;
                 } else {
                     store_vals(pl, 0, rem, false, p1);
 #pragma unroll

@@ -69,7 +69,8 @@ __device__ __forceinline__ void store_vals(T* __restrict__ dst, i64 base, i64 n,
 
 // store8 for the parameter update: bf16 through the hardware's round-to-nearest-even pair
 // conversion (cvt.rn.bf16x2.f32, the same bits as from_float<bf16> for every value but NaN)
-// unless a value is NaN (then from_float's NaN); other types: store8.
+// unless a value of the warp is NaN (then from_float's NaN); other types: store8. Every lane of
+// the warp must call it.
 template <typename T>
 __device__ __forceinline__ void store8_param(T* __restrict__ p, const float* v) { store8(p, v); }
 #if !defined(OPTIM8_HOST_DEVICE)
@@ -78,7 +79,7 @@ __device__ __forceinline__ void store8_param<bf16>(bf16* __restrict__ p, const f
     bool nan = false;
 #pragma unroll
     for (int i = 0; i < 8; i += 2) nan |= (v[i] != v[i]) | (v[i + 1] != v[i + 1]);
-    if (nan) {
+    if (__any_sync(0xffffffffu, nan)) {  // (warp-uniform: no reconvergence barrier)
         store8(p, v);
         return;
     }
@@ -238,17 +239,18 @@ __device__ __forceinline__ void load8_param<bf16>(const bf16* __restrict__ p, fl
 }
 
 // quantize8 with the packed encoder: codes of this lane's 8 values under the block scale made
-// from `key` (this lane's key, reduced here over the TPB lanes of its block), packed 4 a word.
+// from `key` (this lane's key, reduced here over the TPB lanes of its block), packed 4 a word
+// (zero4: the zero code in each byte).
 // Returns the block's stored absmax.
 template <int TPB, bool SIGNED>
-__device__ __forceinline__ float quantize8_packed(const int2* __restrict__ enc, const float* x, unsigned int key, int zero, uint2* packed) {
+__device__ __forceinline__ float quantize8_packed(const int2* __restrict__ enc, const float* x, unsigned int key, unsigned int zero4, uint2* packed) {
     key = group_umax<TPB>(key);
-    const float m = SIGNED ? extreme_value(key) : __uint_as_float(key);
+    const unsigned int kk = key ^ 1u;  // extreme_value(key), as a rotate
+    const float m = SIGNED ? __uint_as_float((kk >> 1) | (kk << 31)) : __uint_as_float(key);
     float a, inv;
     if (!block_scale(m, &a, &inv)) {  // NaN/Inf (only from corrupt old state) or a tiny block
-        const unsigned int z = (unsigned int)zero * 0x01010101u;
-        packed->x = z;
-        packed->y = z;
+        packed->x = zero4;
+        packed->y = zero4;
     } else {
         unsigned int c[E];
 #pragma unroll
