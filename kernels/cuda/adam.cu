@@ -33,7 +33,9 @@ adam_multi(const i64* __restrict__ table, const int ntensors, const i64 nchunks,
            const float decay, const float weight_decay) {
     constexpr int TPB = BLOCK / E;  // lanes per quantization block (8, 16 or 32)
     static_assert(TPB <= 32 && CHUNK % BLOCK == 0, "a quantization block lives in one warp");
-    __shared__ float smap1[256], smap2[256];
+    __shared__ float smap[512];  // the signed map, then the unsigned one (one base address)
+    float* smap1 = smap;
+    float* smap2 = smap + 256;
     __shared__ int2 senc1[STATE8 ? ENC_S_CELLS : 1], senc2[STATE8 ? ENC_U_CELLS : 1];
     if (STATE8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) {

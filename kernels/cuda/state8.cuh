@@ -203,7 +203,7 @@ __device__ __forceinline__ bool lane_keys(const float* m, const float* v, unsign
         vmax = umax(vmax, __float_as_uint(v[i]));
     }
     const float pf = __int_as_float(pmax), nf = __uint_as_float(nmax);
-    *km = umax(extreme_key(pf), extreme_key(nf));
+    *km = extreme_key(fabsf(nf) > pf ? nf : pf);  // (used only when all are finite)
     *kv = vmax;
     // One finite test for all: +Inf/NaN show in pf (or nf), -Inf/-NaN in nf, a NaN or Inf v'
     // in vmax, a negative v' (or -0) as its sign bit, turned into NaN here. pf - nf is finite
@@ -238,13 +238,23 @@ __device__ __forceinline__ void load8_param<bf16>(const bf16* __restrict__ p, fl
     }
 }
 
+// group_umax through the warp-wide reduction instruction (REDUX) for a whole warp (WIDTH 32:
+// one instruction instead of five shuffles and maxima); else shuffles.
+template <int WIDTH>
+__device__ __forceinline__ unsigned int group_umax_redux(unsigned int k) {
+#if !defined(OPTIM8_HOST_DEVICE)
+    if (WIDTH == 32) return __reduce_max_sync(0xffffffffu, k);
+#endif
+    return group_umax<WIDTH>(k);
+}
+
 // quantize8 with the packed encoder: codes of this lane's 8 values under the block scale made
 // from `key` (this lane's key, reduced here over the TPB lanes of its block), packed 4 a word
 // (zero4: the zero code in each byte).
 // Returns the block's stored absmax.
 template <int TPB, bool SIGNED>
 __device__ __forceinline__ float quantize8_packed(const int2* __restrict__ enc, const float* x, unsigned int key, unsigned int zero4, uint2* packed) {
-    key = group_umax<TPB>(key);
+    key = group_umax_redux<TPB>(key);
     const unsigned int kk = key ^ 1u;  // extreme_value(key), as a rotate
     const float m = SIGNED ? __uint_as_float((kk >> 1) | (kk << 31)) : __uint_as_float(key);
     float a, inv;
