@@ -449,9 +449,10 @@ def _grid_limit(fn, device: torch.device) -> int:
     return _launch.sm_count(device) * _launch.ctas_per_sm(fn, 256, device)
 
 
-# The kernel's encoder: a table indexed by (sign, exponent, top 7 mantissa bits) of the
-# normalized value gives the number of map boundaries below the cell's lowest value; the
-# kernel then walks up past the (at most one or two) boundaries inside the cell. Exponent
+# update.cuh's encoder (state8.cuh encode; cuda/adam.cu uses the packed table below): a
+# table indexed by (sign, exponent, top 7 mantissa bits) of the normalized value gives the
+# number of map boundaries below the cell's lowest value; the kernel then walks up past the
+# (at most one or two) boundaries inside the cell. Exponent
 # fields 103..128 (|v| in [2**-24, 4)) get their own cells; everything smaller shares one
 # "tiny" cell per sign (no boundary lies within 2**-24 of zero). Same answer as
 # torch.bucketize, in ~12 instructions and two shared-memory reads.

@@ -3,20 +3,21 @@
 // rounded fp32 operation (__fmul_rn & co. keep the compiler from contracting into FMAs),
 // so both compute the same bits.
 //
-// One launch covers every tensor of a step. `table` holds, per tensor, 8 int64:
-// p, g, m, v, m_absmax, v_absmax (pointers), n, vend (n rounded down to whole chunks when
-// the pointers are aligned for vector accesses, else 0); then ntensors + 1 prefix sums of
-// the tensors' chunk counts. A chunk is 256 consecutive elements of one tensor: one warp
+// One launch covers every tensor of a step. `table` holds, per row (a tensor, or 2**30 of its
+// elements: kernels/adam.py _ROW_ELEMENTS), 8 int64: p, g, m, v, m_absmax, v_absmax (pointers),
+// n, vend (n rounded down to whole chunks when the pointers are aligned for vector accesses,
+// else 0); then ntensors (rows) + 1 prefix sums of the rows' chunk counts. A chunk is 256 consecutive elements of one tensor: one warp
 // iteration, 8 elements per lane. Warps stride over all chunks in increasing order (the grid
 // is sized to the GPU), so each warp carries its tensor: the outer loop finds the tensor of
 // the warp's next chunk (a binary search from the current one) and reads its row once, the
 // inner loop runs the warp's chunks of that tensor. The map and encoder tables (47 KB) are
-// loaded into shared memory once per CTA.
+// loaded into shared memory once per CTA. A non-finite m' or v' (rare) shows in the lane's
+// block-scale keys, which send the lane to a per-element select (state8.cuh lane_keys).
 //
 // Per element, one pass over memory: load p, g, codes (or fp32 moments) and the block's
 // absmax; dequantize; update the moments; reduce the new block absmax across the lanes
-// that hold the block (a warp shuffle); requantize (state8.cuh quantize8_packed: one table
-// read per value); update the parameter; store.
+// that hold the block (a warp shuffle, or REDUX for a whole-warp block); requantize
+// (state8.cuh quantize8_packed: one table read per value); update the parameter; store.
 #include "common.cuh"
 #include "state8.cuh"
 

@@ -192,7 +192,8 @@ __device__ __forceinline__ unsigned int magnitude_key(float x) { return __float_
 // never -0 or below 0, unless the old state was). Returns false when that is not so (then
 // use lane_keys_general on the values kept). v' >= 0: its bits order as its values; m': the
 // signed maximum of its bits is its largest positive value (if any), the unsigned maximum its
-// negative value of largest magnitude (if any); the larger key of the two is the lane's.
+// negative value of largest magnitude (if any); the lane's extreme is the one of larger
+// magnitude (the positive on a tie).
 __device__ __forceinline__ bool lane_keys(const float* m, const float* v, unsigned int* km, unsigned int* kv) {
     int pmax = __float_as_int(m[0]);
     unsigned int nmax = __float_as_uint(m[0]), vmax = __float_as_uint(v[0]);
