@@ -73,7 +73,7 @@ __device__ __forceinline__ void store_vals(T* __restrict__ dst, i64 base, i64 n,
 // the warp must call it.
 template <typename T>
 __device__ __forceinline__ void store8_param(T* __restrict__ p, const float* v) { store8(p, v); }
-#if !defined(OPTIM8_HOST_DEVICE)
+#if !defined(OPTIM8_HOST_DEVICE) && __CUDA_ARCH__ >= 800  // (cvt.rn.bf16x2.f32: sm_80 on)
 template <>
 __device__ __forceinline__ void store8_param<bf16>(bf16* __restrict__ p, const float* v) {
     bool nan = false;
@@ -243,7 +243,7 @@ __device__ __forceinline__ void load8_param<bf16>(const bf16* __restrict__ p, fl
 // one instruction instead of five shuffles and maxima); else shuffles.
 template <int WIDTH>
 __device__ __forceinline__ unsigned int group_umax_redux(unsigned int k) {
-#if !defined(OPTIM8_HOST_DEVICE)
+#if !defined(OPTIM8_HOST_DEVICE) && __CUDA_ARCH__ >= 800  // (REDUX: sm_80 on)
     if (WIDTH == 32) return __reduce_max_sync(0xffffffffu, k);
 #endif
     return group_umax<WIDTH>(k);
