@@ -78,12 +78,17 @@ How instructions per element are counted:
   scalar one, a store over skipping it: `if (base < n)` holds, and a store that one lane in 8
   makes, a block's absmax, is issued by the warp); with no memory access on either side the
   side that does the work (`a > 0`: the reciprocal is computed). Inner loops run their
-  expected trip count: the per-chunk tensor lookup (a loop with a global load)
+  expected trip count: the per-chunk tensor lookup (a loop with a global load: update_multi)
   `ceil(log2(tensors))` iterations (TENSORS tensors per step; `--tensors 1` removes it), the
   LUT encoder's walk (a loop over shared memory only) just its one test (no boundary inside
   the cell); a branch that skips an inner loop enters it (for int8_epilogue, with no outlier
-  columns, skips it). `--explain EXPR` prints every decision. Divided by the elements
-  per lane per iteration (8 for adam_multi: a 256-element chunk per warp).
+  columns, skips it). A `BRA.DIV` (to the out-of-line fallback of a warp shuffle, taken only
+  by a diverged warp) is not taken. `--explain EXPR` prints every decision. Divided by the
+  elements per lane per iteration (8 for adam_multi: a 256-element chunk per warp).
+* adam_multi's hot loop is the loop over a warp's chunks of one tensor (the innermost loop
+  with the vectorized element loads): each warp carries its tensor, and the loop around it
+  (once per tensor a warp reaches: a binary search from the current tensor and the read of
+  its table row) is not counted.
 * Element, per kernel: adam_multi one parameter; quantize/dequantize_blockwise one element of
   x (their hot loop: the grid-stride loop, 8 elements per lane per step; quantize has one per
   map, signed and unsigned, and its row counts the larger); outlier_columns and quantize_rows one element of the activation x; select_outliers one
@@ -381,6 +386,13 @@ def common_path(fn: Function, head: int, back: int, tensors: int, explain: bool 
             if not x.op.startswith("BRA") or x.target is None:
                 i += 1
                 continue
+            if x.op.startswith("BRA.DIV"):
+                # taken only by a diverged warp (to the out-of-line fallback of a warp
+                # collective); the common path's warp is converged
+                if explain:
+                    w.decisions.append(f"{x.addr:#06x} {x.text}: not taken (converged warp)")
+                i += 1
+                continue
             t = fn.index(x.target)
             conditional = x.guard is not None or re.match(r"BRA(\.\S+)?\s+!?P\d", x.text)
             if not conditional:
@@ -534,6 +546,11 @@ def analyze(kernel: str, args: list[str], fn: Function, tensors: int, explain: b
 
     if kernel in ("adam_multi", "update_multi"):  # the same grid-stride machinery (update.cuh mirrors adam.cu)
         hot = max(ls, key=lambda lp: lp[1] - lp[0])
+        if kernel == "adam_multi":
+            # each warp carries its tensor: an outer loop per tensor (finding it, reading its
+            # row) around the loop over the warp's chunks of it, the hot loop (the innermost
+            # one with the vectorized element loads)
+            hot = innermost_with(r"LDG\.E\.128") or hot
         per_iter = 8  # a 256-element chunk per warp: 8 parameters per lane
         static = len(span(hot))
         w = common_path(fn, hot[0], hot[1], tensors, explain)

@@ -418,8 +418,9 @@ def _step_compiled(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: i
 # ---------------------------------------------------------------------------- CUDA
 
 _ZERO_SIGNED, _ZERO_UNSIGNED = zero_code(True), zero_code(False)
-# The launch table: 8 int64 per tensor (p, g, m, v, m_absmax, v_absmax, n, aligned), then chunk prefix sums.
+# The launch table: 8 int64 per row (p, g, m, v, m_absmax, v_absmax, n, vend), then chunk prefix sums.
 _CHUNK = 256  # elements per warp iteration: 32 lanes x 8
+_ROW_ELEMENTS = 1 << 30  # elements per table row at most (a multiple of _CHUNK)
 _tables: dict[tuple, torch.Tensor] = {}
 _TABLE_CACHE_SIZE = 32
 
@@ -448,9 +449,10 @@ def _grid_limit(fn, device: torch.device) -> int:
     return _launch.sm_count(device) * _launch.ctas_per_sm(fn, 256, device)
 
 
-# The kernel's encoder: a table indexed by (sign, exponent, top 7 mantissa bits) of the
-# normalized value gives the number of map boundaries below the cell's lowest value; the
-# kernel then walks up past the (at most one or two) boundaries inside the cell. Exponent
+# update.cuh's encoder (state8.cuh encode; cuda/adam.cu uses the packed table below): a
+# table indexed by (sign, exponent, top 7 mantissa bits) of the normalized value gives the
+# number of map boundaries below the cell's lowest value; the kernel then walks up past the
+# (at most one or two) boundaries inside the cell. Exponent
 # fields 103..128 (|v| in [2**-24, 4)) get their own cells; everything smaller shares one
 # "tiny" cell per sign (no boundary lies within 2**-24 of zero). Same answer as
 # torch.bucketize, in ~12 instructions and two shared-memory reads.
@@ -482,6 +484,70 @@ def _gpu_encode_table(signed: bool, device: torch.device) -> torch.Tensor:
 _gpu_tables: dict[tuple, torch.Tensor] = {}
 
 
+# The fused Adam kernel's encoder (cuda/state8.cuh encode_signed / encode_unsigned): one 8-byte
+# entry per cell, one shared-memory read and no loop. A cell is the top 16 bits (sign, exponent,
+# top 7 mantissa bits) of the normalized value s, whose magnitude is below 1 + 2**-21 (s is x
+# times the correctly rounded reciprocal of its block's largest magnitude), so its cells end
+# at 1.0's (key 0x3f80). Magnitudes below the first cell (2**-22 signed, 2**-23 unsigned: below
+# every boundary's magnitude) are clamped into it. Index: (bits(max(|s|, lo)) >> 16) - first key.
+#
+# Signed map, per cell (x: s >= +0, y: s <= -0, by the sign bit): the number of boundaries below
+# the cell's lowest value (bits 0-7) and the low 16 bits of the boundary inside the cell (bits
+# 16-31; its top 16 are the cell's), or, with none inside, a value that no member exceeds (0xffff
+# positive, 0 negative). code = count + (s > B), B = s's top 16 bits with those low 16.
+# Unsigned map (s >= 0), per cell: x = the code of the cell's members below the boundary inside
+# (bucketize, raised to 1: a positive value never encodes to zero), y = a mask giving B = (bits(s)
+# | 0xffff) & y: the boundary (0xffff0000 | its low 16 bits), all ones with none inside (B >= s),
+# or 0 for the first cell (it holds 0 and the clamped tiny values: code = (s > 0)).
+PACKED_KEY_LAST = 0x3F80  # 1.0's cell: |s| < 1 + 2**-21 < 1 + 2**-7
+PACKED_EXP0 = {True: 105, False: 104}
+
+
+def packed_first_key(signed: bool) -> int:
+    return PACKED_EXP0[signed] << 7
+
+
+@functools.cache
+def _gpu_packed_table_cpu(signed: bool) -> torch.Tensor:
+    """int32 [cells, 2] (see above); checked here: at most one boundary per cell, none near zero."""
+    mid = map_boundaries(signed)
+    keys = torch.arange(packed_first_key(signed), PACKED_KEY_LAST + 1, dtype=torch.int64)
+    as_f = lambda bits: torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)  # noqa: E731
+    small, large = as_f(keys << 16), as_f(keys << 16 | 0xFFFF)  # a positive cell's members: [small, large]
+    if not bool((mid.abs() > as_f(torch.tensor([packed_first_key(signed) << 16 | 0xFFFF]))).all()):
+        raise AssertionError("a map boundary lies in the packed encoder's first (clamped) cell")
+    mid_bits = mid.view(torch.int32).to(torch.int64) & 0xFFFF
+
+    def side(lo, hi):  # members [lo, hi]: boundaries below lo, and the one in [lo, hi]
+        count = torch.bucketize(lo, mid)
+        inside = torch.bucketize(hi, mid, right=True) - count
+        if int(inside.max()) > 1:
+            raise AssertionError("a cell of the packed encoder table holds two boundaries")
+        return count, inside == 1, mid_bits[count.clamp(max=mid.numel() - 1)]
+
+    if signed:
+        cp, ip, bp = side(small, large)
+        cn, in_, bn = side(-large, -small)
+        x = cp | torch.where(ip, bp, 0xFFFF) << 16
+        y = cn | torch.where(in_, bn, 0) << 16
+    else:
+        c, i, bnd = side(small, large)
+        x = torch.where(c == 0, 1, c)  # below the first boundary: a positive value takes code 1
+        y = torch.where(i, 0xFFFF0000 | bnd, 0xFFFFFFFF)
+        y = torch.where(c == 0, 0xFFFFFFFF, y)  # (a boundary inside a code-0 cell: 1 on both sides)
+        x[0], y[0] = 0, 0  # the first cell holds 0 (and every clamped value): code = (s > 0)
+    t = torch.stack([x, y], 1)
+    return torch.where(t >= 1 << 31, t - (1 << 32), t).to(torch.int32).contiguous()
+
+
+def _gpu_packed_table(signed: bool, device: torch.device) -> torch.Tensor:
+    key = ("packed", signed, device)
+    t = _gpu_tables.get(key)
+    if t is None:
+        t = _gpu_tables[key] = _gpu_packed_table_cpu(signed).to(device)
+    return t
+
+
 def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) -> None:
     if not params:
         return
@@ -494,15 +560,21 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
         if not g.is_contiguous():
             g = g.contiguous()  # kept alive through grads[i] until the launch
             grads[i] = g
-        n = p.numel()
         ptrs = (p.data_ptr(), g.data_ptr(), ms[i].data_ptr(), vs[i].data_ptr())
         aligned = int(all(x % 16 == 0 for x in ptrs[:2]) and all(x % 8 == 0 for x in ptrs[2:]))
-        if state8:
-            rows.append(ptrs + (mas[i].data_ptr(), vas[i].data_ptr(), n, aligned))
-        else:
-            rows.append(ptrs + (0, 0, n, int(aligned and all(x % 16 == 0 for x in ptrs))))
-        starts.append(total)
-        total += (n + _CHUNK - 1) // _CHUNK
+        if not state8:
+            aligned = int(aligned and all(x % 16 == 0 for x in ptrs))
+        absmax = (mas[i].data_ptr(), vas[i].data_ptr()) if state8 else (0, 0)
+        # a row per _ROW_ELEMENTS (the kernel's offsets within a row are 32-bit): pointers
+        # advanced by whole chunks, so blocks and alignment carry over
+        sizes = (p.element_size(), g.element_size(), 1 if state8 else 4, 1 if state8 else 4)
+        for start in range(0, max(p.numel(), 1), _ROW_ELEMENTS):
+            n = min(p.numel() - start, _ROW_ELEMENTS)
+            row = tuple(x + start * e for x, e in zip(ptrs, sizes))
+            row += tuple(x + start // blocksize * 4 if x else 0 for x in absmax)
+            rows.append(row + (n, n - n % _CHUNK if aligned else 0))  # vend: whole chunks, vectorized
+            starts.append(total)
+            total += (n + _CHUNK - 1) // _CHUNK
     starts.append(total)
     if total == 0:
         return
@@ -514,16 +586,15 @@ def _step_cuda(params, grads, ms, vs, mas, vas, s: AdamScalars, blocksize: int) 
     grid = min((total + warps_per_cta - 1) // warps_per_cta, _grid_limit(fn, device))
     args = (
         _launch.ptr(table),
-        np.int32(len(params)),
+        np.int32(len(rows)),
         np.int64(total),
+        np.int32(grid * warps_per_cta * _CHUNK),  # stride: elements between a warp's chunks
         _launch.ptr(map_on(True, device)),
         _launch.ptr(map_on(False, device)),
-        _launch.ptr(map_boundaries(True, device)),
-        _launch.ptr(map_boundaries(False, device)),
-        _launch.ptr(_gpu_encode_table(True, device)),
-        _launch.ptr(_gpu_encode_table(False, device)),
-        np.int32(_ZERO_SIGNED),
-        np.int32(_ZERO_UNSIGNED),
+        _launch.ptr(_gpu_packed_table(True, device)),
+        _launch.ptr(_gpu_packed_table(False, device)),
+        np.uint32(_ZERO_SIGNED * 0x01010101).view(np.int32),  # the zero code in each byte
+        np.uint32(_ZERO_UNSIGNED * 0x01010101).view(np.int32),
         np.float32(s.beta1),
         np.float32(s.one_minus_beta1),
         np.float32(s.beta2),

@@ -58,7 +58,7 @@ def test_budgeted_kernels_have_a_common_path_count(rows):
 
 
 def test_occupancy_model():
-    # adam_multi today: 64 registers at 256 threads -> 4 CTAs (32 warps) per SM
+    # 64 registers at 256 threads -> 4 CTAs (32 warps) per SM
     assert kr.occupancy(64, 17920, 256)["ctas"] == 4
     assert kr.occupancy(220, 40960, 256)["ctas"] == 1
     assert kr.occupancy(32, 0, 256)["ctas"] == 8  # warps limit

@@ -453,3 +453,53 @@ def test_gpu_encoder_table_is_exact(signed):
     for _ in range(4):  # the kernel walks while needed; here: at most 4 steps, then it must be exact
         c += mid_ext[c] < x
     assert torch.equal(c, torch.bucketize(x, mid))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_gpu_packed_encoder_table_is_exact(signed):
+    """adam.cu's encoder (state8.cuh encode_signed / encode_unsigned: one packed entry per cell,
+    no walk), emulated here with its exact index and compare math, equals torch.bucketize (the
+    unsigned map: raised to 1 for a positive value) on a scan of the normalized values it can
+    see (|s| < 1 + 2**-21) and on every boundary's neighbours; its constants are the header's."""
+    import re
+    from pathlib import Path
+
+    from optim8.kernels import adam as A
+
+    header = (Path(A.__file__).parent / "cuda" / "state8.cuh").read_text()
+    const = {k: int(v, 16) for k, v in re.findall(r"#define (ENC_\w+) (0x[0-9a-f]+)", header)}
+    assert const["ENC_S_KEY0"] == A.packed_first_key(True) and const["ENC_U_KEY0"] == A.packed_first_key(False)
+    assert const["ENC_KEY_LAST"] == A.PACKED_KEY_LAST
+    table = A._gpu_packed_table_cpu(signed).to(torch.int64) & 0xFFFFFFFF
+    assert table.shape == (A.PACKED_KEY_LAST - A.packed_first_key(signed) + 1, 2)
+    mid = A.map_boundaries(signed)
+    top = torch.tensor(1.0 + 2**-21).view(torch.int32).item()
+    pats = torch.cat([torch.arange(0, top + 1, 997, dtype=torch.int64), torch.arange(0, 1 << 16), torch.arange(top - (1 << 16), top + 1)])
+    near = [mid]
+    for d in (2.0, -2.0):
+        y = mid
+        for _ in range(3):
+            y = torch.nextafter(y, torch.tensor(d))
+            near.append(y)
+    xs = [pats.to(torch.int32).view(torch.float32), torch.cat(near), torch.tensor([0.0, -0.0, 1e-45, 1.0, 1.0 + 2**-21])]
+    if signed:
+        xs += [-xs[0], torch.tensor([-1e-45, -1.0, -1.0 - 2**-21])]
+    x = torch.cat(xs)
+    if not signed:
+        x = x[x >= 0]  # the v state: never negative
+    b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    lo = torch.tensor(A.packed_first_key(signed) << 16, dtype=torch.int32).view(torch.float32)
+    r = torch.maximum(x.abs() if signed else x, lo)
+    e = table[(r.view(torch.int32).to(torch.int64) >> 16) - A.packed_first_key(signed)]
+    if signed:
+        t = torch.where(b >> 31 == 1, e[:, 1], e[:, 0])
+        bound = (b & 0xFFFF0000) | (t >> 16)  # __byte_perm(t, b, 0x7632)
+    else:
+        t = e[:, 0]
+        bound = (b | 0xFFFF) & e[:, 1]
+    bound = torch.where(bound >= 1 << 31, bound - (1 << 32), bound).to(torch.int32).view(torch.float32)
+    code = (t & 0xFF) + (x > bound).long()
+    want = torch.bucketize(x, mid)
+    if not signed:
+        want = torch.where((want == 0) & (x > 0), 1, want)
+    assert torch.equal(code, want)

@@ -96,6 +96,23 @@ def test_ragged_tails_bit_exact(blocksize):
         compare(cpu, oc, gpu, og, exact=True)
 
 
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("bits", [8, 32])
+def test_tensors_split_into_rows_bit_exact(monkeypatch, blocksize, bits):
+    """A tensor larger than a launch-table row (kernels/adam.py _ROW_ELEMENTS, 2**30 elements:
+    the kernel's offsets are 32-bit) takes several rows; here rows of 512 elements, with tails."""
+    from optim8.kernels import adam as A
+
+    monkeypatch.setattr(A, "_ROW_ELEMENTS", 512)
+    shapes = [(2048 + 5,), (512,), (1537,), (7,)]
+    cpu, oc, gpu, og = pair(shapes, torch.bfloat16, optim8.AdamW8bit if bits == 8 else optim8.AdamW32bit,
+                            lr=1e-2, **({"min_8bit_size": 0, "blocksize": blocksize} if bits == 8 else {}))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        step_both(cpu, oc, gpu, og, gen)
+        compare(cpu, oc, gpu, og, exact=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 32])
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
