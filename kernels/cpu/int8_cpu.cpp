@@ -14,7 +14,6 @@
 
 namespace {
 
-inline uint32_t abs_bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u & 0x7fffffffu; }
 inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 // The largest |x| as an integer maximum over the magnitude bits (vectorizes, unlike a float
@@ -22,11 +21,16 @@ inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f;
 // lie above +inf's, so a NaN wins, as torch.amax's NaN rule has it. Returned canonical.
 inline float magnitude(uint32_t bits) { return bits > 0x7f800000u ? NAN : bits_float(bits); }
 
+// Threads worth starting for m rows of work_per_row elements: below ~256K elements of work a
+// thread costs more than it saves.
+inline int workers_for(int64_t m, int64_t work_per_row, int nthreads) {
+    const int64_t useful = std::max<int64_t>(1, (m * work_per_row) / (1 << 18));
+    return (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)std::max(nthreads, 1), useful, m}));
+}
+
 template <typename F>
 void parallel_rows(int64_t m, int64_t work_per_row, int nthreads, F&& fn) {
-    // below ~256K elements of work a thread costs more than it saves
-    const int64_t useful = std::max<int64_t>(1, (m * work_per_row) / (1 << 18));
-    const int workers = (int)std::min<int64_t>({(int64_t)std::max(nthreads, 1), useful, m});
+    const int workers = workers_for(m, work_per_row, nthreads);
     if (workers <= 1) {
         fn(0, m);
         return;
@@ -81,7 +85,7 @@ extern "C" void optim8_int8_scan(const float* x, int64_t m, int64_t k, float thr
     const uint32_t* xb = reinterpret_cast<const uint32_t*>(x);
     uint32_t tb;
     std::memcpy(&tb, &threshold, 4);  // threshold > 0 and finite: bit order is value order
-    const int workers = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)std::max(nthreads, 1), m, (m * k) / (1 << 18) + 1}));
+    const int workers = workers_for(m, k, nthreads);
     std::vector<std::vector<uint8_t>> partial(workers, std::vector<uint8_t>(k, 0));
     const int64_t per = (m + workers - 1) / workers;
     auto body = [=, &partial](int w) {
